@@ -1,0 +1,333 @@
+//! Layered settings: built-in defaults, an optional TOML file, then `COMMERCE__…`
+//! environment variables (`__` between levels), e.g. `COMMERCE__ORDER__PORT=9000`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Every setting of every service. Services read the parts they need.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Prefixes every database, exchange, queue and Redis key.
+    pub namespace: String,
+    pub environment: Environment,
+    pub log: LogSettings,
+    pub http: HttpSettings,
+    pub postgres: PostgresSettings,
+    pub amqp: AmqpSettings,
+    pub redis: RedisSettings,
+    pub messaging: MessagingSettings,
+    pub gateway: ServiceSettings,
+    pub user: ServiceSettings,
+    pub product: ServiceSettings,
+    pub order: ServiceSettings,
+    pub payment: ServiceSettings,
+    pub inventory: ServiceSettings,
+    pub notification: ServiceSettings,
+    pub file: ServiceSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: "commerce".into(),
+            environment: Environment::Production,
+            log: LogSettings::default(),
+            http: HttpSettings::default(),
+            postgres: PostgresSettings::default(),
+            amqp: AmqpSettings::default(),
+            redis: RedisSettings::default(),
+            messaging: MessagingSettings::default(),
+            gateway: ServiceSettings::port(8080),
+            user: ServiceSettings::port(8081),
+            product: ServiceSettings::port(8082),
+            order: ServiceSettings::port(8083),
+            payment: ServiceSettings::port(8084),
+            inventory: ServiceSettings::port(8085),
+            notification: ServiceSettings::port(8086),
+            file: ServiceSettings::port(8087),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON in production, human-readable text in development.
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            filter: "info,sqlx=warn,lapin=warn".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct HttpSettings {
+    /// Address every service binds to.
+    pub host: String,
+    pub request_timeout_ms: u64,
+    pub body_limit_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            request_timeout_ms: 30_000,
+            body_limit_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ServiceSettings {
+    pub port: u16,
+}
+
+impl ServiceSettings {
+    fn port(port: u16) -> Self {
+        Self { port }
+    }
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self::port(0)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct PostgresSettings {
+    /// The server; each service appends its own database `<ns>_<service>`.
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("postgres://postgres@127.0.0.1:5432"),
+            max_connections: 10,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl PostgresSettings {
+    /// Connection URL of one database on the configured server.
+    pub fn database_url(&self, database: &str) -> String {
+        let server = self.url.expose_secret();
+        let (base, query) = match server.split_once('?') {
+            Some((base, query)) => (base, Some(query)),
+            None => (server, None),
+        };
+        // Drop a database already named in the URL: the server is what we want.
+        let base = match base.find("://").map(|i| i + 3) {
+            Some(authority) => match base[authority..].find('/') {
+                Some(slash) => &base[..authority + slash],
+                None => base,
+            },
+            None => base,
+        };
+        match query {
+            Some(query) => format!("{base}/{database}?{query}"),
+            None => format!("{base}/{database}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct AmqpSettings {
+    pub url: SecretString,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct RedisSettings {
+    pub url: SecretString,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("redis://127.0.0.1:6379"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct MessagingSettings {
+    /// Unacknowledged deliveries the broker may push to one consumer.
+    pub prefetch: u16,
+    /// Messages one service instance handles at the same time.
+    pub concurrency: usize,
+    /// Delay before each retry of a transiently failing message; its length is the
+    /// number of retries before the message is dead-lettered.
+    pub retry_delays_ms: Vec<u64>,
+    /// A handler running longer than this fails transiently.
+    pub handler_timeout_ms: u64,
+    /// Redeliveries (crashes before ack) after which the broker dead-letters a message.
+    pub delivery_limit: u32,
+    /// Outbox relay: how often it looks for rows when no notification arrives.
+    pub outbox_poll_interval_ms: u64,
+    /// Outbox relay: rows published per confirmed batch.
+    pub outbox_batch_size: i64,
+}
+
+impl Default for MessagingSettings {
+    fn default() -> Self {
+        Self {
+            prefetch: 32,
+            concurrency: 16,
+            retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
+            handler_timeout_ms: 30_000,
+            delivery_limit: 20,
+            outbox_poll_interval_ms: 1_000,
+            outbox_batch_size: 100,
+        }
+    }
+}
+
+impl MessagingSettings {
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_delays_ms
+            .iter()
+            .copied()
+            .map(Duration::from_millis)
+            .collect()
+    }
+}
+
+/// Where the optional settings file is looked for.
+fn settings_file() -> Option<PathBuf> {
+    match std::env::var_os("COMMERCE_CONFIG") {
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            let default = PathBuf::from("commerce.toml");
+            default.exists().then_some(default)
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `$COMMERCE_CONFIG` (or `./commerce.toml` if present), then the
+    /// environment.
+    pub fn load() -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = settings_file() {
+            builder = builder.add_source(config::File::from(path.clone()).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("COMMERCE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("messaging.retry_delays_ms")
+                    .try_parsing(true),
+            )
+            .build()
+            .context("reading settings")?
+            .try_deserialize()
+            .context("invalid settings (check the COMMERCE__… environment variables)")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let ns = &self.namespace;
+        let valid = !ns.is_empty()
+            && ns.len() <= 40
+            && ns.starts_with(|c: char| c.is_ascii_lowercase())
+            && ns
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        anyhow::ensure!(
+            valid,
+            "COMMERCE__NAMESPACE must be 1-40 characters of a-z, 0-9 and _, starting with a \
+             letter (it names databases and queues); got {ns:?}"
+        );
+        anyhow::ensure!(
+            self.messaging.concurrency > 0 && self.messaging.prefetch > 0,
+            "COMMERCE__MESSAGING__CONCURRENCY and COMMERCE__MESSAGING__PREFETCH must be positive"
+        );
+        anyhow::ensure!(
+            self.messaging.outbox_batch_size > 0,
+            "COMMERCE__MESSAGING__OUTBOX_BATCH_SIZE must be positive"
+        );
+        Ok(())
+    }
+
+    pub fn is_development(&self) -> bool {
+        self.environment == Environment::Development
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_url_replaces_any_database_in_the_server_url() {
+        let mut pg = PostgresSettings::default();
+        assert_eq!(
+            pg.database_url("commerce_order"),
+            "postgres://postgres@127.0.0.1:5432/commerce_order"
+        );
+        pg.url = SecretString::from("postgres://u:p@db:5433/postgres?sslmode=require");
+        assert_eq!(
+            pg.database_url("x_user"),
+            "postgres://u:p@db:5433/x_user?sslmode=require"
+        );
+    }
+
+    #[test]
+    fn namespace_must_be_safe_for_database_names() {
+        let mut settings = Settings::default();
+        settings.validate().expect("default is valid");
+        for bad in ["", "Commerce", "a-b", "1abc", "a;drop"] {
+            settings.namespace = bad.into();
+            assert!(settings.validate().is_err(), "{bad:?} accepted");
+        }
+    }
+}

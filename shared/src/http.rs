@@ -1,0 +1,358 @@
+//! What every service's HTTP side shares: problem+json errors, a JSON extractor whose
+//! rejections are problem+json too, the request-context middleware (request id, trace
+//! context, access log, metrics) and the health, readiness and metrics routes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::{
+    Router,
+    extract::{FromRequest, MatchedPath, Request, State, rejection::JsonRejection},
+    http::{HeaderName, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::telemetry::TraceContext;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// RFC 9457 problem details.
+#[derive(Clone, Debug, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub title: &'static str,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, detail: Option<String>) -> Self {
+        Self {
+            kind: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail,
+            request_id: TraceContext::current().and_then(|t| t.request_id),
+            errors: Vec::new(),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, axum::Json(self)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+/// What a client may be told went wrong. Unexpected errors are logged in full and shown
+/// to the client only as a request id.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("authentication required")]
+    Unauthorized,
+    #[error("forbidden")]
+    Forbidden,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Unexpected(error.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, detail) = match &self {
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, Some(m.clone())),
+            Self::Validation(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("the request has invalid fields".into()),
+            ),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, None),
+            Self::Forbidden => (StatusCode::FORBIDDEN, None),
+            Self::NotFound(m) => (StatusCode::NOT_FOUND, Some(m.clone())),
+            Self::Conflict(m) => (StatusCode::CONFLICT, Some(m.clone())),
+            Self::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, Some(m.clone())),
+            Self::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, Some(m.clone())),
+            Self::Unexpected(error) => {
+                tracing::error!(error = format!("{error:#}"), "unexpected error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Some("something went wrong on our side; quote the request id".into()),
+                )
+            }
+        };
+        let mut problem = Problem::new(status, detail);
+        if let Self::Validation(errors) = self {
+            problem.errors = errors;
+        }
+        problem.into_response()
+    }
+}
+
+/// `axum::Json`, but a body that is not valid JSON for `T` gets a problem+json 400 (or
+/// 415 without a JSON content type) that names the problem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(Problem::new(
+                rejection.status(),
+                Some(rejection.body_text()),
+            )),
+        }
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+fn header_str(req: &Request, name: &HeaderName) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Request id and trace context for each request: taken from `X-Request-Id` and
+/// `traceparent` when the caller sent valid ones, made up otherwise, made current for
+/// the handler (so events it writes carry them) and returned on the response.
+async fn request_context(State(service): State<Arc<str>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = header_str(&req, &REQUEST_ID)
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.is_ascii())
+        .unwrap_or_else(|| Uuid::now_v7().to_string());
+    let trace = header_str(&req, &TRACEPARENT)
+        .and_then(|h| TraceContext::parse(&h))
+        .map(|parent| parent.child())
+        .unwrap_or_else(TraceContext::new_root)
+        .with_request_id(Some(request_id.clone()));
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let span = tracing::info_span!(
+        "http",
+        %method,
+        route = %route,
+        request_id = %request_id,
+        trace_id = %trace.trace_id(),
+    );
+    let traceparent = trace.traceparent();
+    let mut response =
+        tracing::Instrument::instrument(trace.scope(next.run(req)), span.clone()).await;
+
+    let status = response.status();
+    let elapsed = started.elapsed();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&traceparent) {
+        response.headers_mut().insert(TRACEPARENT, value);
+    }
+    let labels = [
+        ("service", service.to_string()),
+        ("method", method.to_string()),
+        ("route", route),
+        ("status", status.as_u16().to_string()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    let _enter = span.enter();
+    if status.is_server_error() {
+        tracing::warn!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request failed"
+        );
+    } else {
+        tracing::info!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request"
+        );
+    }
+    response
+}
+
+async fn not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, Some("no such route".into()))
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Some("this route does not take that method".into()),
+    )
+}
+
+/// Wraps a service's routes with what every service does the same way.
+pub fn with_common_layers(
+    router: Router,
+    service: &str,
+    settings: &crate::config::HttpSettings,
+) -> Router {
+    use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            Duration::from_millis(settings.request_timeout_ms),
+        ))
+        .layer(RequestBodyLimitLayer::new(settings.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(
+            Arc::<str>::from(service),
+            request_context,
+        ))
+}
+
+/// One dependency's state for `/ready`.
+#[derive(Clone)]
+pub enum Check {
+    Database(sqlx::PgPool),
+    Broker(crate::messaging::Broker),
+    Redis(deadpool_redis::Pool),
+}
+
+impl Check {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Database(_) => "database",
+            Self::Broker(_) => "broker",
+            Self::Redis(_) => "redis",
+        }
+    }
+
+    async fn run(&self) -> Result<(), String> {
+        let check = async {
+            match self {
+                Self::Database(pool) => sqlx::query("SELECT 1")
+                    .execute(pool)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                Self::Broker(broker) => broker.check().await.map_err(|e| e.to_string()),
+                Self::Redis(pool) => {
+                    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+                    deadpool_redis::redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), check)
+            .await
+            .unwrap_or_else(|_| Err("timed out after 2s".into()))
+    }
+}
+
+#[derive(Clone)]
+struct Probes {
+    service: Arc<str>,
+    checks: Arc<[Check]>,
+}
+
+async fn health(State(probes): State<Probes>) -> Response {
+    axum::Json(json!({"status": "ok", "service": &*probes.service})).into_response()
+}
+
+async fn ready(State(probes): State<Probes>) -> Response {
+    let results = futures_util::future::join_all(probes.checks.iter().map(Check::run)).await;
+    let mut checks = serde_json::Map::new();
+    let mut ready = true;
+    for (check, result) in probes.checks.iter().zip(results) {
+        let value = match result {
+            Ok(()) => json!({"status": "ok"}),
+            Err(error) => {
+                ready = false;
+                json!({"status": "error", "error": error})
+            }
+        };
+        checks.insert(check.name().into(), value);
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "service": &*probes.service,
+        "checks": checks,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+/// `/health` (the process answers), `/ready` (each of `checks` answers) and `/metrics`.
+pub fn probe_routes(service: &str, checks: Vec<Check>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .with_state(Probes {
+            service: service.into(),
+            checks: checks.into(),
+        })
+}

@@ -1,0 +1,24 @@
+//! The one library every Commerce service uses, so a service's own code is only its
+//! domain: settings, telemetry, HTTP conventions, database bootstrap, and the messaging
+//! kernel (outbox, consumer runner, retries, dead letters).
+
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod messaging;
+pub mod metrics;
+pub mod service;
+pub mod telemetry;
+
+pub use config::Settings;
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

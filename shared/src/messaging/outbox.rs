@@ -1,0 +1,405 @@
+//! Transactional outbox. A service writes its events into its own `outbox` table in the
+//! same transaction as the state change; the relay publishes them with publisher confirms
+//! and deletes what the broker confirmed. So an event is on the broker if and only if
+//! its transaction committed.
+//!
+//! The relay wakes on `NOTIFY outbox` (sent by a trigger at commit) and also polls, so a
+//! lost notification only costs latency. Rows are claimed with `FOR UPDATE SKIP LOCKED`
+//! so replicas share the table. Rows are published in `seq` order on one channel; a row
+//! whose publish fails stays for the next pass (duplicates are possible, loss is not).
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use lapin::{
+    BasicProperties, Channel, Confirmation,
+    options::BasicPublishOptions,
+    types::{FieldTable, ShortString},
+};
+use serde_json::{Map, Value};
+use sqlx::{PgConnection, PgPool, postgres::PgListener};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Broker, Envelope, NewEvent, Topology, headers};
+use crate::telemetry::TraceContext;
+
+const CHANNEL: &str = "outbox";
+
+/// Writes events into the outbox, inside the caller's transaction.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    source: String,
+    events_exchange: String,
+}
+
+/// One message as the relay will publish it.
+#[derive(Clone, Debug)]
+pub struct OutboxMessage {
+    pub message_id: Uuid,
+    /// `""` (the default exchange) addresses one queue by name.
+    pub exchange: String,
+    pub routing_key: String,
+    pub event_type: String,
+    pub correlation_id: Option<String>,
+    pub headers: Map<String, Value>,
+    pub body: Vec<u8>,
+}
+
+impl Outbox {
+    pub fn new(topology: &Topology) -> Self {
+        Self {
+            source: format!("{}-svc", topology.service()),
+            events_exchange: topology.events_exchange(),
+        }
+    }
+
+    /// Adds `event` to the outbox in the transaction `conn` is in. It reaches the broker
+    /// only if that transaction commits.
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        event: NewEvent,
+    ) -> Result<Envelope, sqlx::Error> {
+        let envelope = event.into_envelope(&self.source);
+        let body = serde_json::to_vec(&envelope).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let trace = TraceContext::current().unwrap_or_else(TraceContext::new_root);
+        let mut headers = Map::new();
+        headers.insert(headers::TRACEPARENT.into(), trace.traceparent().into());
+        if let Some(request_id) = &trace.request_id {
+            headers.insert(headers::REQUEST_ID.into(), request_id.clone().into());
+        }
+        insert(
+            conn,
+            &OutboxMessage {
+                message_id: envelope.id,
+                exchange: self.events_exchange.clone(),
+                routing_key: envelope.event_type.clone(),
+                event_type: envelope.event_type.clone(),
+                correlation_id: Some(envelope.correlation_id.to_string()),
+                headers,
+                body,
+            },
+        )
+        .await?;
+        Ok(envelope)
+    }
+}
+
+/// Adds a prepared message to the outbox (replays use this).
+pub async fn insert(conn: &mut PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, event_type, correlation_id, \
+         headers, body) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(message.message_id)
+    .bind(&message.exchange)
+    .bind(&message.routing_key)
+    .bind(&message.event_type)
+    .bind(&message.correlation_id)
+    .bind(Value::Object(message.headers.clone()))
+    .bind(&message.body)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    seq: i64,
+    message_id: Uuid,
+    exchange: String,
+    routing_key: String,
+    event_type: String,
+    correlation_id: Option<String>,
+    headers: Value,
+    body: Vec<u8>,
+    created_at: DateTime<Utc>,
+}
+
+fn properties(row: &Row) -> BasicProperties {
+    let headers = match &row.headers {
+        Value::Object(map) => headers::from_json(map),
+        _ => FieldTable::default(),
+    };
+    let mut props = BasicProperties::default()
+        .with_message_id(row.message_id.to_string().into())
+        .with_type(ShortString::from(row.event_type.as_str()))
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or_default())
+        .with_headers(headers);
+    if let Some(correlation_id) = &row.correlation_id {
+        props = props.with_correlation_id(correlation_id.as_str().into());
+    }
+    props
+}
+
+async fn mark_failed(
+    conn: &mut PgConnection,
+    seqs: &[i64],
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE seq = ANY($1)")
+        .bind(seqs)
+        .bind(error)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Publishes the outbox of one service database.
+pub struct Relay {
+    pool: PgPool,
+    broker: Broker,
+    topology: Topology,
+    service: String,
+    poll_interval: Duration,
+    batch_size: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("broker: {0}")]
+    Broker(#[from] super::BrokerError),
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// Growing pause after failures: 100 ms doubling to 10 s.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+
+    pub(crate) fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The pause to take now, with jitter so replicas do not retry in step.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        delay.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+}
+
+/// Waits `delay` unless shutdown comes first; true when shutdown came.
+pub(crate) async fn pause(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        () = shutdown.cancelled() => true,
+    }
+}
+
+impl Relay {
+    pub fn new(
+        pool: PgPool,
+        broker: Broker,
+        topology: &Topology,
+        poll_interval: Duration,
+        batch_size: i64,
+    ) -> Self {
+        Self {
+            pool,
+            broker,
+            topology: topology.clone(),
+            service: topology.service().to_owned(),
+            poll_interval,
+            batch_size,
+        }
+    }
+
+    /// Publishes until `shutdown`, then makes one last pass so events committed by work
+    /// that finished during shutdown are not left behind.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut listener = None;
+        let mut channel = None;
+        let mut backoff = Backoff::new();
+        let mut last_gauge: Option<Instant> = None;
+        loop {
+            if listener.is_none() {
+                listener = self.listen().await;
+            }
+            if let Some(l) = listener.as_mut() {
+                // Wake-ups already queued are answered by the pass that follows.
+                while l.next_buffered().is_some() {}
+            }
+            match self.drain(&mut channel).await {
+                Ok(()) => backoff.reset(),
+                Err(error) => {
+                    channel = None;
+                    tracing::warn!(%error, service = %self.service, "outbox relay: publish failed; will retry");
+                    if pause(backoff.next_delay(), &shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            if last_gauge.is_none_or(|at| at.elapsed() >= self.poll_interval) {
+                self.record_backlog().await;
+                last_gauge = Some(Instant::now());
+            }
+            let woken = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        if let Err(error) = l.recv().await {
+                            tracing::debug!(%error, "outbox listener lost; polling until it is back");
+                            listener = None;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = woken => {}
+                () = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+        if let Err(error) = self.drain(&mut channel).await {
+            tracing::warn!(%error, service = %self.service, "outbox relay: final pass failed; rows stay for the next start");
+        }
+        if let Some(channel) = channel {
+            let _ = channel.close(200, "relay stopped".into()).await;
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
+        listener.listen(CHANNEL).await.ok()?;
+        Some(listener)
+    }
+
+    /// Publishes batches until the outbox holds nothing this relay can claim.
+    async fn drain(&self, channel: &mut Option<Channel>) -> Result<(), RelayError> {
+        loop {
+            let claimed = self.publish_batch(channel).await?;
+            if claimed < self.batch_size {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn publish_batch(&self, channel: &mut Option<Channel>) -> Result<i64, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT seq, message_id, exchange, routing_key, event_type, correlation_id, \
+             headers, body, created_at FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let claimed = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+        let (published, failed) = match self.publish_rows(&rows, channel).await {
+            Ok(results) => results,
+            Err(error) => {
+                // The rows stay; say why, for whoever looks at a growing outbox.
+                let all: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+                mark_failed(&mut tx, &all, &error.to_string()).await?;
+                tx.commit().await?;
+                return Err(error);
+            }
+        };
+        sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
+            .bind(&published)
+            .execute(&mut *tx)
+            .await?;
+        for (seq, error) in &failed {
+            mark_failed(&mut tx, &[*seq], error).await?;
+        }
+        tx.commit().await?;
+
+        let now = Utc::now();
+        for row in rows.iter().filter(|r| published.contains(&r.seq)) {
+            let age = (now - row.created_at).to_std().unwrap_or_default();
+            metrics::histogram!("outbox_publish_delay_seconds", "service" => self.service.clone())
+                .record(age.as_secs_f64());
+        }
+        metrics::counter!("outbox_published_total", "service" => self.service.clone())
+            .increment(published.len() as u64);
+        if !failed.is_empty() {
+            tracing::warn!(service = %self.service, failed = ?failed, "outbox relay: some rows were not published; they stay");
+            // Do not spin on rows that keep failing: the next pass waits for a wake-up.
+            return Ok(0);
+        }
+        Ok(claimed)
+    }
+
+    /// Publishes `rows` in order on one channel, then collects the confirms. Returns the
+    /// rows the broker took and those it refused.
+    async fn publish_rows(
+        &self,
+        rows: &[Row],
+        channel: &mut Option<Channel>,
+    ) -> Result<(Vec<i64>, Vec<(i64, &'static str)>), RelayError> {
+        let ch = match channel {
+            Some(ch) if ch.status().connected() => ch,
+            _ => {
+                let fresh = self.broker.confirm_channel().await?;
+                // Publishing to a missing exchange would close the channel.
+                self.topology.declare_exchanges(&fresh).await?;
+                channel.insert(fresh)
+            }
+        };
+        // The whole batch goes out before the first confirm is awaited: one round trip.
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in rows {
+            let options = BasicPublishOptions {
+                // A message addressed to one queue must reach it; an event may have no
+                // subscriber yet.
+                mandatory: row.exchange.is_empty(),
+                ..BasicPublishOptions::default()
+            };
+            let confirm = ch
+                .basic_publish(
+                    row.exchange.as_str().into(),
+                    row.routing_key.as_str().into(),
+                    options,
+                    &row.body,
+                    properties(row),
+                )
+                .await?;
+            pending.push(confirm);
+        }
+        let mut published = Vec::with_capacity(rows.len());
+        let mut failed = Vec::new();
+        for (row, confirm) in rows.iter().zip(pending) {
+            match confirm.await? {
+                Confirmation::Ack(None) => published.push(row.seq),
+                Confirmation::Ack(Some(_)) if !row.exchange.is_empty() => published.push(row.seq),
+                Confirmation::Ack(Some(_)) => failed.push((row.seq, "unroutable: no such queue")),
+                Confirmation::Nack(_) => failed.push((row.seq, "refused by the broker (nack)")),
+                Confirmation::NotRequested => failed.push((row.seq, "no publisher confirm")),
+            }
+        }
+        Ok((published, failed))
+    }
+
+    async fn record_backlog(&self) {
+        let row: Result<(i64, Option<f64>), _> = sqlx::query_as(
+            "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM outbox",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        if let Ok((backlog, oldest)) = row {
+            metrics::gauge!("outbox_backlog", "service" => self.service.clone())
+                .set(backlog as f64);
+            metrics::gauge!("outbox_oldest_age_seconds", "service" => self.service.clone())
+                .set(oldest.unwrap_or(0.0));
+        }
+    }
+}

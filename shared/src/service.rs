@@ -1,0 +1,271 @@
+//! The life of a service process: connect to its database, broker and Redis; start its
+//! outbox relay, consumer and dead-letter ingest; serve HTTP; and on SIGTERM or Ctrl-C
+//! stop taking work, finish what is in hand, publish what it committed, then exit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use secrecy::ExposeSecret;
+use sqlx::{PgPool, migrate::Migrator};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::config::Settings;
+use crate::http::{self, Check};
+use crate::messaging::{
+    Broker, Consumer, DeadLetterStore, Handler, Observer, Outbox, Relay, Topology,
+};
+
+/// What a service needs besides HTTP.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Needs {
+    /// Its own database (and with it the broker, for the outbox), with these migrations.
+    pub database: Option<Option<&'static Migrator>>,
+    pub redis: bool,
+}
+
+/// The connections a service works with.
+#[derive(Clone)]
+pub struct Infra {
+    /// Short name: database `<ns>_<name>`, queue `<ns>.<name>`.
+    pub name: &'static str,
+    pub settings: Settings,
+    pub topology: Topology,
+    pub outbox: Outbox,
+    pub pool: Option<PgPool>,
+    pub broker: Option<Broker>,
+    pub redis: Option<deadpool_redis::Pool>,
+}
+
+impl Infra {
+    pub async fn connect(
+        name: &'static str,
+        settings: &Settings,
+        needs: Needs,
+    ) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let topology = Topology::new(&settings.namespace, name, &settings.messaging);
+        let (pool, broker) = match needs.database {
+            Some(migrations) => {
+                let pool = crate::db::bootstrap(settings, name, migrations).await?;
+                let broker = Broker::new(
+                    settings.amqp.url.clone(),
+                    format!("{}.{name}", settings.namespace),
+                );
+                (Some(pool), Some(broker))
+            }
+            None => (None, None),
+        };
+        let redis = if needs.redis {
+            let config = deadpool_redis::Config::from_url(settings.redis.url.expose_secret());
+            Some(
+                config
+                    .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+                    .context("creating the Redis pool (COMMERCE__REDIS__URL)")?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            name,
+            settings: settings.clone(),
+            outbox: Outbox::new(&topology),
+            topology,
+            pool,
+            broker,
+            redis,
+        })
+    }
+
+    /// The service's database pool; only for services that declared one.
+    pub fn pool(&self) -> anyhow::Result<&PgPool> {
+        self.pool
+            .as_ref()
+            .with_context(|| format!("{} has no database", self.name))
+    }
+
+    /// The dead-letter store of this service's database.
+    pub fn dead_letters(&self) -> anyhow::Result<DeadLetterStore> {
+        Ok(DeadLetterStore::new(
+            self.pool()?.clone(),
+            self.topology.clone(),
+        ))
+    }
+}
+
+/// Everything a service runs, ready to serve.
+pub struct Service {
+    infra: Infra,
+    listener: TcpListener,
+    port: u16,
+    router: Router,
+    shutdown: CancellationToken,
+    workers: TaskTracker,
+    relay_stop: CancellationToken,
+    relay: Option<JoinHandle<()>>,
+}
+
+/// What [`Service::start`] starts besides the HTTP routes.
+#[derive(Default)]
+pub struct Work {
+    pub handlers: Vec<Arc<dyn Handler>>,
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+impl Service {
+    /// Binds the listener on the given port (0: any free one) and starts the relay, the
+    /// consumer and the dead-letter ingest. Serving starts with `run_until_stopped`.
+    pub async fn start(
+        infra: Infra,
+        port: u16,
+        router: Router,
+        work: Work,
+    ) -> anyhow::Result<Self> {
+        crate::metrics::handle();
+        let settings = &infra.settings;
+        let shutdown = CancellationToken::new();
+        let workers = TaskTracker::new();
+        let relay_stop = CancellationToken::new();
+        let mut relay = None;
+        let mut checks = Vec::new();
+
+        if let (Some(pool), Some(broker)) = (&infra.pool, &infra.broker) {
+            checks.push(Check::Database(pool.clone()));
+            checks.push(Check::Broker(broker.clone()));
+            let relay_task = Relay::new(
+                pool.clone(),
+                broker.clone(),
+                &infra.topology,
+                Duration::from_millis(settings.messaging.outbox_poll_interval_ms),
+                settings.messaging.outbox_batch_size,
+            );
+            relay = Some(tokio::spawn(relay_task.run(relay_stop.clone())));
+
+            if !work.handlers.is_empty() {
+                let mut consumer = Consumer::new(
+                    infra.topology.clone(),
+                    broker.clone(),
+                    pool.clone(),
+                    &settings.messaging,
+                    work.handlers,
+                )?;
+                if let Some(observer) = work.observer {
+                    consumer = consumer.observer(observer);
+                }
+                consumer.declare().await.context(
+                    "declaring the service's queues (is RabbitMQ up? COMMERCE__AMQP__URL)",
+                )?;
+                workers.spawn(Arc::new(consumer).run(shutdown.child_token()));
+                let store = Arc::new(infra.dead_letters()?);
+                workers.spawn(store.run_ingest(broker.clone(), shutdown.child_token()));
+            }
+        } else if !work.handlers.is_empty() {
+            anyhow::bail!("{} has event handlers but no database", infra.name);
+        }
+        if let Some(redis) = &infra.redis {
+            checks.push(Check::Redis(redis.clone()));
+        }
+
+        let address = (settings.http.host.as_str(), port);
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding {}:{port}", settings.http.host))?;
+        let port = listener.local_addr()?.port();
+        let router = http::with_common_layers(
+            http::probe_routes(infra.name, checks).merge(router),
+            infra.name,
+            &settings.http,
+        );
+        tracing::info!(service = infra.name, port, "started");
+        Ok(Self {
+            infra,
+            listener,
+            port,
+            router,
+            shutdown,
+            workers,
+            relay_stop,
+            relay,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Cancelling it stops the service as SIGTERM would.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until SIGTERM, Ctrl-C or the shutdown token; then drains in order: HTTP
+    /// requests and messages in hand finish, the relay publishes what they committed,
+    /// connections close.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let shutdown = self.shutdown.clone();
+        let stop = async move {
+            tokio::select! {
+                () = os_signal() => tracing::info!("shutdown signal received"),
+                () = shutdown.cancelled() => {}
+            }
+            shutdown.cancel();
+        };
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(stop)
+            .await;
+        // The HTTP side stopped (or failed): stop consumers too, whatever the reason.
+        self.shutdown.cancel();
+        self.workers.close();
+        self.workers.wait().await;
+        self.relay_stop.cancel();
+        if let Some(relay) = self.relay {
+            let _ = relay.await;
+        }
+        if let Some(broker) = &self.infra.broker {
+            broker.close().await;
+        }
+        if let Some(pool) = &self.infra.pool {
+            pool.close().await;
+        }
+        tracing::info!(service = self.infra.name, "stopped");
+        served.context("serving HTTP")
+    }
+}
+
+async fn os_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// The body of every service's `main`: settings, logs, build, serve.
+pub async fn main<A, F, Fut>(build: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: Future<Output = anyhow::Result<A>>,
+    A: Into<Service>,
+{
+    let settings = Settings::load()?;
+    crate::telemetry::init(&settings);
+    let service: Service = build(settings).await?.into();
+    service.run_until_stopped().await
+}

@@ -1,0 +1,188 @@
+//! Logging and the trace context that follows one request through every service:
+//! HTTP `traceparent`/`X-Request-Id` in, AMQP headers out, and back in on the consumer.
+
+use tracing_subscriber::{EnvFilter, fmt as tfmt, prelude::*};
+
+use crate::config::{LogFormat, Settings};
+
+/// Installs the global subscriber: JSON outside development, text in development.
+/// Safe to call more than once (tests start several services in one process).
+pub fn init(settings: &Settings) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(settings.log.filter.clone()));
+    let json = match settings.log.format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !settings.is_development(),
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = if json {
+        registry
+            .with(
+                tfmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
+            .try_init()
+    } else {
+        registry.with(tfmt::layer().compact()).try_init()
+    };
+    // Already installed: keep the first one.
+    drop(result);
+}
+
+/// Installs a test subscriber writing to the test harness, only when `TEST_LOG` is set.
+pub fn init_for_tests() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let filter = EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn"));
+        drop(
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(tfmt::layer().compact().with_test_writer())
+                .try_init(),
+        );
+    }
+}
+
+/// W3C trace context (`traceparent`) plus our request id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    sampled: bool,
+    pub request_id: Option<String>,
+}
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+fn random_nonzero<const N: usize>() -> [u8; N] {
+    loop {
+        let mut bytes = [0u8; N];
+        fastrand::fill(&mut bytes);
+        if bytes.iter().any(|b| *b != 0) {
+            return bytes;
+        }
+    }
+}
+
+fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != N * 2 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl TraceContext {
+    /// A new trace, for work that did not arrive with one.
+    pub fn new_root() -> Self {
+        Self {
+            trace_id: random_nonzero(),
+            span_id: random_nonzero(),
+            sampled: true,
+            request_id: None,
+        }
+    }
+
+    /// Parses a `traceparent` header (version 00); `None` when it is not valid.
+    pub fn parse(traceparent: &str) -> Option<Self> {
+        let mut parts = traceparent.trim().split('-');
+        let version = parts.next()?;
+        let trace_id = parse_hex::<16>(parts.next()?)?;
+        let span_id = parse_hex::<8>(parts.next()?)?;
+        let flags = parse_hex::<1>(parts.next()?)?;
+        if version != "00" || parts.next().is_some() {
+            return None;
+        }
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id,
+            sampled: flags[0] & 1 == 1,
+            request_id: None,
+        })
+    }
+
+    /// The same trace, a new span: what this process does on behalf of the parent.
+    pub fn child(&self) -> Self {
+        Self {
+            span_id: random_nonzero(),
+            ..self.clone()
+        }
+    }
+
+    pub fn with_request_id(mut self, request_id: Option<String>) -> Self {
+        self.request_id = request_id;
+        self
+    }
+
+    pub fn trace_id(&self) -> String {
+        crate::hex(&self.trace_id)
+    }
+
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            crate::hex(&self.trace_id),
+            crate::hex(&self.span_id),
+            u8::from(self.sampled)
+        )
+    }
+
+    /// The context of the task running now, if one was set.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `fut` with this context as the current one.
+    pub async fn scope<F: Future>(self, fut: F) -> F::Output {
+        CURRENT.scope(self, fut).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_children_keep_the_trace() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ctx = TraceContext::parse(header).expect("valid");
+        assert_eq!(ctx.traceparent(), header);
+        let child = ctx.child();
+        assert_eq!(child.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(child.traceparent(), header);
+    }
+
+    #[test]
+    fn invalid_traceparents_are_refused() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xx",
+        ] {
+            assert!(TraceContext::parse(bad).is_none(), "{bad:?} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn current_is_set_only_inside_the_scope() {
+        assert!(TraceContext::current().is_none());
+        let ctx = TraceContext::new_root().with_request_id(Some("r1".into()));
+        let seen = ctx.clone().scope(async { TraceContext::current() }).await;
+        assert_eq!(seen, Some(ctx));
+    }
+}

@@ -1,0 +1,329 @@
+//! Test support: each test gets its own namespace (databases, exchanges, queues) that is
+//! removed when the test ends, even when it panics; polling with a deadline; a broker
+//! observer; and a TCP proxy that can cut a service off from the broker.
+
+mod proxy;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    message::Delivery,
+    options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use secrecy::ExposeSecret as _;
+use shared::{Settings, messaging::Topology};
+
+pub use proxy::TcpProxy;
+
+/// How long a test waits for something that should happen before failing.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// One test's namespace. Dropping it deletes everything made under it.
+pub struct TestEnv {
+    pub namespace: String,
+    settings: Settings,
+    /// Only the test that made the namespace removes it.
+    owner: bool,
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        let suffix: String = (0..10).map(|_| fastrand::lowercase()).collect();
+        Self::with_namespace(format!("t{suffix}"), true)
+    }
+
+    /// The namespace another process of the same test made; left in place on drop.
+    pub fn attach(namespace: &str) -> Self {
+        Self::with_namespace(namespace.to_owned(), false)
+    }
+
+    fn with_namespace(namespace: String, owner: bool) -> Self {
+        shared::telemetry::init_for_tests();
+        let mut settings = Settings {
+            namespace: namespace.clone(),
+            ..Settings::default()
+        };
+        settings.postgres.max_connections = 5;
+        settings.messaging.retry_delays_ms = vec![50, 100, 200];
+        settings.messaging.outbox_poll_interval_ms = 200;
+        for service in [
+            &mut settings.gateway,
+            &mut settings.user,
+            &mut settings.product,
+            &mut settings.order,
+            &mut settings.payment,
+            &mut settings.inventory,
+            &mut settings.notification,
+            &mut settings.file,
+        ] {
+            service.port = 0;
+        }
+        Self {
+            namespace,
+            settings,
+            owner,
+        }
+    }
+
+    /// Settings of this namespace: every port 0, fast retries, small pools.
+    pub fn settings(&self) -> Settings {
+        self.settings.clone()
+    }
+
+    /// A connection straight to the broker, for the test's own eyes and hands.
+    pub async fn amqp(&self) -> Connection {
+        Connection::connect(
+            self.settings.amqp.url.expose_secret(),
+            ConnectionProperties::default(),
+        )
+        .await
+        .expect("the test connects to RabbitMQ")
+    }
+
+    /// The broker's host and port, as the settings name them.
+    pub fn amqp_address(&self) -> std::net::SocketAddr {
+        let url = self.settings.amqp.url.expose_secret();
+        let authority = url
+            .split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+        std::net::ToSocketAddrs::to_socket_addrs(host_port)
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .expect("the AMQP URL names a reachable host:port")
+    }
+
+    /// These settings with the broker reached through `address` (a [`TcpProxy`]).
+    pub fn settings_via(&self, address: std::net::SocketAddr) -> Settings {
+        let mut settings = self.settings();
+        let url = self.settings.amqp.url.expose_secret();
+        let original = self.amqp_address().to_string();
+        let rewritten = url.replacen(&original, &address.to_string(), 1);
+        assert_ne!(
+            &rewritten, url,
+            "AMQP URL {url} must name the broker as {original}"
+        );
+        settings.amqp.url = rewritten.into();
+        settings
+    }
+
+    pub fn topology(&self, service: &str) -> Topology {
+        Topology::new(&self.namespace, service, &self.settings.messaging)
+    }
+
+    /// A pool on one service's database (created if missing, kernel tables migrated).
+    pub async fn database(&self, service: &str) -> sqlx::PgPool {
+        shared::db::bootstrap(&self.settings, service, None)
+            .await
+            .expect("the test creates its database")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if !self.owner {
+            return;
+        }
+        let namespace = self.namespace.clone();
+        let settings = self.settings.clone();
+        // Own thread and runtime: this also runs while a failed test unwinds.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleanup");
+            runtime.block_on(cleanup(&namespace, &settings))
+        });
+        match cleanup.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("cleanup of {} failed: {error:#}", self.namespace),
+            Err(_) => eprintln!("cleanup of {} panicked", self.namespace),
+        }
+    }
+}
+
+async fn cleanup(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    let mut pg = sqlx::PgConnection::connect(&settings.postgres.database_url("postgres")).await?;
+    let databases: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(format!("{namespace}_"))
+            .fetch_all(&mut pg)
+            .await?;
+    let amqp = Connection::connect(
+        settings.amqp.url.expose_secret(),
+        ConnectionProperties::default(),
+    )
+    .await?;
+    let channel = amqp.create_channel().await?;
+    let prefix = format!("{namespace}_");
+    for database in &databases {
+        let service = database.trim_start_matches(&prefix);
+        Topology::new(namespace, service, &settings.messaging)
+            .delete_queues(&channel)
+            .await?;
+    }
+    Topology::new(namespace, "-", &settings.messaging)
+        .delete_exchanges(&channel)
+        .await?;
+    amqp.close(200, "cleanup".into()).await?;
+    for database in &databases {
+        shared::db::drop_database(&settings.postgres, database).await?;
+    }
+    Ok(())
+}
+
+/// Polls `check` until it gives `Some`, failing the test after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A private queue bound to the namespace's events exchange: what was published.
+pub struct Observer {
+    _connection: Connection,
+    consumer: lapin::Consumer,
+}
+
+impl Observer {
+    pub async fn new(env: &TestEnv, routing_keys: &[&str]) -> Self {
+        let connection = env.amqp().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let topology = env.topology("observer");
+        topology
+            .declare_exchanges(&channel)
+            .await
+            .expect("exchanges");
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("observer queue");
+        for key in routing_keys {
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    topology.events_exchange().into(),
+                    (*key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("bind observer");
+        }
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "observer".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        Self {
+            _connection: connection,
+            consumer,
+        }
+    }
+
+    /// The next message, acknowledged; fails the test after [`DEADLINE`].
+    pub async fn next(&mut self) -> Delivery {
+        let delivery = tokio::time::timeout(DEADLINE, self.consumer.next())
+            .await
+            .expect("a message within the deadline")
+            .expect("the observer is consuming")
+            .expect("a delivery");
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        delivery
+    }
+
+    /// A message if one arrives within `wait`.
+    pub async fn try_next(&mut self, wait: Duration) -> Option<Delivery> {
+        let delivery = tokio::time::timeout(wait, self.consumer.next())
+            .await
+            .ok()??
+            .ok()?;
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        Some(delivery)
+    }
+}
+
+/// Publishes `body` as the test's own producer would, with publisher confirms.
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            Default::default(),
+            body,
+            properties.with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(!confirm.is_nack(), "the broker refused the message");
+}
+
+/// Ready messages in a queue (exact when nothing consumes it).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue exists")
+        .message_count()
+}
