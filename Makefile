@@ -1,0 +1,48 @@
+# Commerce developer entry points. `make` (or `make help`) lists them.
+#
+# Infra (PostgreSQL, RabbitMQ, Redis) is checked/started by
+# scripts/ensure-infra.sh, which reads the same COMMERCE__*__URL variables as
+# the services. CARGO_TARGET_DIR is honoured from the environment if set.
+
+CARGO ?= cargo
+TEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help up test fmt lint check infra bench-hop
+
+help: ## List the targets
+	@echo "Commerce make targets:"
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+	@echo "Variables: TEST_ARGS='...' is passed to the test runner (e.g. make test TEST_ARGS=checkout runs only tests whose name contains 'checkout')."
+
+infra: ## Make sure PostgreSQL, RabbitMQ and Redis answer (starts/installs them if needed)
+	scripts/ensure-infra.sh
+
+up: infra ## Start infra, build, and run every service under the supervisor
+	$(CARGO) build --bins
+	$(CARGO) run --quiet --bin commerce -- up
+
+test: infra ## Start infra, build all binaries, run all tests (nextest if installed)
+	$(CARGO) build --workspace --bins
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		echo "$(CARGO) nextest run --workspace $(TEST_ARGS)"; \
+		$(CARGO) nextest run --workspace $(TEST_ARGS); \
+	else \
+		echo "cargo-nextest not installed; using cargo test"; \
+		echo "$(CARGO) test --workspace $(TEST_ARGS)"; \
+		$(CARGO) test --workspace $(TEST_ARGS); \
+	fi
+
+fmt: ## Format all code
+	$(CARGO) fmt --all
+
+lint: ## Check formatting and run clippy (warnings are errors)
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+check: lint test ## lint + test
+
+bench-hop: infra ## Benchmark one message hop through the broker
+	$(CARGO) bench -p shared --bench one_hop
