@@ -1,0 +1,4 @@
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    shared::service::main(product_svc::Application::build).await
+}
