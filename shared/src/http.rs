@@ -201,6 +201,7 @@ async fn request_context(State(service): State<Arc<str>>, req: Request, next: Ne
     if let Ok(value) = HeaderValue::from_str(&traceparent) {
         response.headers_mut().insert(TRACEPARENT, value);
     }
+    let probe = is_probe(&route);
     let labels = [
         ("service", service.to_string()),
         ("method", method.to_string()),
@@ -210,20 +211,20 @@ async fn request_context(State(service): State<Arc<str>>, req: Request, next: Ne
     metrics::counter!("http_requests_total", &labels).increment(1);
     metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     let _enter = span.enter();
+    let elapsed_ms = elapsed.as_millis() as u64;
     if status.is_server_error() {
-        tracing::warn!(
-            status = status.as_u16(),
-            elapsed_ms = elapsed.as_millis() as u64,
-            "request failed"
-        );
+        tracing::warn!(status = status.as_u16(), elapsed_ms, "request failed");
+    } else if probe {
+        // Probes come every few seconds from every orchestrator; keep them out of the way.
+        tracing::debug!(status = status.as_u16(), elapsed_ms, "request");
     } else {
-        tracing::info!(
-            status = status.as_u16(),
-            elapsed_ms = elapsed.as_millis() as u64,
-            "request"
-        );
+        tracing::info!(status = status.as_u16(), elapsed_ms, "request");
     }
     response
+}
+
+fn is_probe(route: &str) -> bool {
+    matches!(route, "/health" | "/ready" | "/metrics")
 }
 
 async fn not_found() -> Problem {

@@ -27,7 +27,10 @@ pub fn init(settings: &Settings) {
             )
             .try_init()
     } else {
-        registry.with(tfmt::layer().compact()).try_init()
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        registry
+            .with(tfmt::layer().compact().with_ansi(ansi))
+            .try_init()
     };
     // Already installed: keep the first one.
     drop(result);
