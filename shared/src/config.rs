@@ -253,9 +253,18 @@ impl Settings {
     /// Defaults, then `$COMMERCE_CONFIG` (or `./commerce.toml` if present), then the
     /// environment.
     pub fn load() -> anyhow::Result<Self> {
+        Self::load_from(settings_file(), None)
+    }
+
+    /// As [`load`](Self::load), with the environment given as a map (`None`: the process
+    /// environment).
+    pub fn load_from(
+        file: Option<PathBuf>,
+        environment: Option<config::Map<String, String>>,
+    ) -> anyhow::Result<Self> {
         let mut builder = config::Config::builder();
-        if let Some(path) = settings_file() {
-            builder = builder.add_source(config::File::from(path.clone()).required(true));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
         }
         let settings: Settings = builder
             .add_source(
@@ -264,7 +273,8 @@ impl Settings {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("messaging.retry_delays_ms")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(environment),
             )
             .build()
             .context("reading settings")?
@@ -318,6 +328,51 @@ mod tests {
         assert_eq!(
             pg.database_url("x_user"),
             "postgres://u:p@db:5433/x_user?sslmode=require"
+        );
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+        Some(
+            vars.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn environment_overrides_defaults_at_any_level() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("COMMERCE__NAMESPACE", "staging"),
+                ("COMMERCE__ORDER__PORT", "9083"),
+                ("COMMERCE__MESSAGING__RETRY_DELAYS_MS", "100,200"),
+                ("COMMERCE__POSTGRES__URL", "postgres://app:secret@db:5432"),
+                ("COMMERCE__ENVIRONMENT", "development"),
+            ]),
+        )
+        .expect("valid settings");
+        assert_eq!(settings.namespace, "staging");
+        assert_eq!(settings.order.port, 9083);
+        assert_eq!(settings.gateway.port, 8080, "untouched defaults stay");
+        assert_eq!(settings.messaging.retry_delays_ms, [100, 200]);
+        assert!(settings.is_development());
+        assert!(
+            !format!("{settings:?}").contains("secret"),
+            "secrets stay out of Debug"
+        );
+    }
+
+    #[test]
+    fn bad_values_fail_with_a_message_naming_the_setting() {
+        let error = Settings::load_from(None, env(&[("COMMERCE__ORDER__PORT", "http")]))
+            .expect_err("not a port");
+        assert!(format!("{error:#}").contains("port"), "{error:#}");
+        let error = Settings::load_from(None, env(&[("COMMERCE__NAMESPACE", "My-Shop")]))
+            .expect_err("not a namespace");
+        assert!(
+            format!("{error:#}").contains("COMMERCE__NAMESPACE"),
+            "{error:#}"
         );
     }
 

@@ -35,6 +35,8 @@ struct Behaviour {
     transient_failures: AtomicU32,
     broken: AtomicBool,
     hold: Option<Hold>,
+    /// Publishes `test.noted` through this outbox after recording the note.
+    follow_up: Option<Outbox>,
 }
 
 /// Keeps the handler inside its transaction until released.
@@ -90,6 +92,11 @@ impl Handler for RecordNote {
         .bind(note.id)
         .execute(&mut *tx)
         .await?;
+        if let Some(outbox) = &self.0.follow_up {
+            let noted = NewEvent::new("test.noted", note.id, serde_json::json!({"id": note.id}))?
+                .caused_by(event);
+            outbox.enqueue(tx, noted).await?;
+        }
         Ok(())
     }
 }
@@ -188,6 +195,61 @@ impl Running {
             .expect("the service stops within the deadline")
             .expect("the service task does not panic")
             .expect("the service stops cleanly");
+    }
+}
+
+/// The consuming service "sub" with its `test.note` handler, running in its own namespace.
+struct Sub {
+    running: Running,
+    pool: PgPool,
+    recorder: Arc<Recorder>,
+    behaviour: Arc<Behaviour>,
+    /// Last: dropping it removes the namespace.
+    env: TestEnv,
+}
+
+impl Sub {
+    async fn start(behaviour: Behaviour) -> Self {
+        let env = TestEnv::new();
+        let pool = notes_db(&env).await;
+        let recorder = Arc::new(Recorder::default());
+        let behaviour = Arc::new(behaviour);
+        let running = Running::subscriber(&env, behaviour.clone(), recorder.clone()).await;
+        Self {
+            running,
+            pool,
+            recorder,
+            behaviour,
+            env,
+        }
+    }
+
+    /// Publishes a new `test.note`; returns (note id, message id).
+    async fn send_note(&self) -> (Uuid, String) {
+        let note = Uuid::now_v7();
+        let (message_id, body) = note_message(note);
+        send(&self.env, &message_id, &body).await;
+        (note, message_id)
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {table}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
+
+    fn calls(&self) -> u32 {
+        self.behaviour.calls.load(Ordering::SeqCst)
+    }
+
+    fn store(&self) -> DeadLetterStore {
+        DeadLetterStore::new(self.pool.clone(), self.env.topology("sub"))
+    }
+
+    async fn stop(self) {
+        self.running.stop().await;
     }
 }
 
@@ -366,80 +428,154 @@ async fn an_event_written_while_the_broker_is_down_is_delivered_after_it_returns
     publisher.stop().await;
 }
 
+/// A route that records a note and publishes `test.note` in the same transaction.
+fn note_route(pool: PgPool, outbox: Outbox) -> Router {
+    use axum::routing::post;
+    Router::new().route(
+        "/notes",
+        post(move || async move {
+            let note = Uuid::now_v7();
+            let mut tx = pool.begin().await?;
+            let event = NewEvent::new(NOTE, note, serde_json::json!({"id": note}))
+                .map_err(anyhow::Error::from)?;
+            outbox.enqueue(&mut tx, event).await?;
+            tx.commit().await?;
+            Ok::<_, shared::http::ApiError>(axum::http::StatusCode::ACCEPTED)
+        }),
+    )
+}
+
+#[tokio::test]
+async fn a_request_s_trace_and_request_id_follow_its_events_through_consumers() {
+    let env = TestEnv::new();
+    notes_db(&env).await;
+    let mut seen = BrokerObserver::new(&env, &["test.#"]).await;
+    let api_pool = env.database("api").await;
+    let api_infra = Infra::connect(
+        "api",
+        &env.settings(),
+        Needs {
+            database: Some(None),
+            redis: false,
+        },
+    )
+    .await
+    .expect("api connects");
+    let api = Service::start(
+        api_infra,
+        0,
+        note_route(api_pool, Outbox::new(&env.topology("api"))),
+        Work::default(),
+    )
+    .await
+    .expect("api starts");
+    let api_port = api.port();
+    let api_stop = api.shutdown_token();
+    let api_task = tokio::spawn(api.run_until_stopped());
+    let behaviour = Arc::new(Behaviour {
+        follow_up: Some(Outbox::new(&env.topology("sub"))),
+        ..Behaviour::default()
+    });
+    let subscriber = Running::subscriber(&env, behaviour, Arc::default()).await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api_port}/notes"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .header("x-request-id", "req-42")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 202);
+    assert_eq!(response.headers()["x-request-id"], "req-42");
+    let returned = response.headers()["traceparent"].to_str().expect("ascii");
+    assert!(
+        returned.starts_with(&format!("00-{trace_id}-")),
+        "{returned}"
+    );
+
+    let first = seen.next().await;
+    let second = seen.next().await;
+    let (note, noted) = if first.routing_key.as_str() == NOTE {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(noted.routing_key.as_str(), "test.noted");
+    for message in [&note, &noted] {
+        let table = message.properties.headers().clone().unwrap_or_default();
+        let traceparent = headers::get_str(&table, headers::TRACEPARENT).expect("traceparent");
+        assert!(
+            traceparent.starts_with(&format!("00-{trace_id}-")),
+            "{traceparent}"
+        );
+        assert_eq!(
+            headers::get_str(&table, headers::REQUEST_ID).as_deref(),
+            Some("req-42")
+        );
+    }
+    let (note, noted) = (body_of(&note), body_of(&noted));
+    assert_eq!(noted.causation_id, Some(note.id));
+    assert_eq!(noted.correlation_id, note.correlation_id);
+    assert_eq!(noted.source, "sub-svc");
+
+    subscriber.stop().await;
+    api_stop.cancel();
+    api_task.await.expect("api task").expect("api stops");
+}
+
 #[tokio::test]
 async fn a_message_delivered_twice_changes_state_once() {
-    let env = TestEnv::new();
-    let pool = notes_db(&env).await;
-    let recorder = Arc::new(Recorder::default());
-    let behaviour = Arc::new(Behaviour::default());
-    let subscriber = Running::subscriber(&env, behaviour.clone(), recorder.clone()).await;
-
+    let sub = Sub::start(Behaviour::default()).await;
     let note = Uuid::now_v7();
     let (message_id, body) = note_message(note);
-    send(&env, &message_id, &body).await;
-    send(&env, &message_id, &body).await;
+    send(&sub.env, &message_id, &body).await;
+    send(&sub.env, &message_id, &body).await;
 
-    let mut outcomes = recorder.settled(&message_id, 2).await;
+    let mut outcomes = sub.recorder.settled(&message_id, 2).await;
     outcomes.sort_by_key(|o| format!("{o:?}"));
     assert_eq!(outcomes, [Outcome::Duplicate, Outcome::Handled]);
-    assert_eq!(handled(&pool, note).await, 1);
-    assert_eq!(behaviour.calls.load(Ordering::SeqCst), 1);
-    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages")
-        .fetch_one(&pool)
-        .await
-        .expect("count inbox");
-    assert_eq!(inbox, 1);
-    subscriber.stop().await;
+    assert_eq!(handled(&sub.pool, note).await, 1);
+    assert_eq!(sub.calls(), 1);
+    assert_eq!(sub.count("processed_messages").await, 1);
+    sub.stop().await;
 }
 
 #[tokio::test]
 async fn a_transient_failure_is_retried_and_then_succeeds() {
-    let env = TestEnv::new();
-    let pool = notes_db(&env).await;
-    let recorder = Arc::new(Recorder::default());
-    let behaviour = Arc::new(Behaviour {
+    let sub = Sub::start(Behaviour {
         transient_failures: AtomicU32::new(2),
         ..Behaviour::default()
-    });
-    let subscriber = Running::subscriber(&env, behaviour.clone(), recorder.clone()).await;
+    })
+    .await;
+    let (note, message_id) = sub.send_note().await;
 
-    let note = Uuid::now_v7();
-    let (message_id, body) = note_message(note);
-    send(&env, &message_id, &body).await;
-
-    recorder.wait_for(&message_id, Outcome::Handled).await;
+    sub.recorder.wait_for(&message_id, Outcome::Handled).await;
     assert_eq!(
-        recorder.outcomes(&message_id),
+        sub.recorder.outcomes(&message_id),
         [Outcome::Retried, Outcome::Retried, Outcome::Handled]
     );
-    assert_eq!(behaviour.calls.load(Ordering::SeqCst), 3);
-    assert_eq!(handled(&pool, note).await, 1);
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
-        .fetch_one(&pool)
-        .await
-        .expect("count");
-    assert_eq!(dead, 0);
-    subscriber.stop().await;
+    assert_eq!(sub.calls(), 3);
+    assert_eq!(handled(&sub.pool, note).await, 1);
+    assert_eq!(sub.count("dead_letters").await, 0);
+    sub.stop().await;
 }
 
 #[tokio::test]
 async fn a_transient_failure_out_of_retries_is_dead_lettered() {
-    let env = TestEnv::new();
-    let pool = notes_db(&env).await;
-    let recorder = Arc::new(Recorder::default());
-    let behaviour = Arc::new(Behaviour {
+    let sub = Sub::start(Behaviour {
         transient_failures: AtomicU32::new(u32::MAX),
         ..Behaviour::default()
-    });
-    let subscriber = Running::subscriber(&env, behaviour.clone(), recorder.clone()).await;
-    let store = DeadLetterStore::new(pool.clone(), env.topology("sub"));
-
-    let (message_id, body) = note_message(Uuid::now_v7());
-    send(&env, &message_id, &body).await;
-    recorder.wait_for(&message_id, Outcome::DeadLettered).await;
+    })
+    .await;
+    let (_, message_id) = sub.send_note().await;
+    sub.recorder
+        .wait_for(&message_id, Outcome::DeadLettered)
+        .await;
 
     // Three retries (the test settings' delays), then the dead-letter queue.
-    assert_eq!(behaviour.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(sub.calls(), 4);
+    let store = sub.store();
     let letter = eventually("the dead letter to be stored", || async {
         store.list(&Default::default()).await.expect("list").pop()
     })
@@ -449,7 +585,7 @@ async fn a_transient_failure_out_of_retries_is_dead_lettered() {
     assert_eq!(letter.attempts, 4);
     assert!(letter.error_message.contains("database restarting"));
     assert!(letter.first_failed_at < letter.last_failed_at);
-    subscriber.stop().await;
+    sub.stop().await;
 }
 
 #[tokio::test]
@@ -580,23 +716,13 @@ async fn a_permanent_failure_and_a_malformed_body_end_in_the_dlq_then_in_dead_le
 
 #[tokio::test]
 async fn replaying_a_dead_letter_after_the_fault_is_fixed_completes_it() {
-    let env = TestEnv::new();
-    let pool = notes_db(&env).await;
-    let recorder = Arc::new(Recorder::default());
-    let behaviour = Arc::new(Behaviour {
+    let sub = Sub::start(Behaviour {
         broken: AtomicBool::new(true),
         ..Behaviour::default()
-    });
-    let subscriber = Running::subscriber(&env, behaviour.clone(), recorder.clone()).await;
-    let store = DeadLetterStore::new(pool.clone(), env.topology("sub"));
-
-    let notes = [Uuid::now_v7(), Uuid::now_v7()];
-    let mut ids = Vec::new();
-    for note in notes {
-        let (message_id, body) = note_message(note);
-        send(&env, &message_id, &body).await;
-        ids.push(message_id);
-    }
+    })
+    .await;
+    let store = sub.store();
+    let sent = [sub.send_note().await, sub.send_note().await];
     let group = eventually("one group of two dead letters", || async {
         let groups = store.groups().await.expect("groups");
         groups.into_iter().find(|g| g.count == 2)
@@ -607,17 +733,15 @@ async fn replaying_a_dead_letter_after_the_fault_is_fixed_completes_it() {
     assert_eq!(group.event_types, [NOTE]);
 
     // The fix is deployed; the operator replays the group.
-    behaviour.broken.store(false, Ordering::SeqCst);
+    sub.behaviour.broken.store(false, Ordering::SeqCst);
     let replayed = store
         .replay_group(&group.fingerprint, "oncall@example.com")
         .await
         .expect("replay");
     assert_eq!(replayed, 2);
-    for id in &ids {
-        recorder.wait_for(id, Outcome::Handled).await;
-    }
-    for note in notes {
-        assert_eq!(handled(&pool, note).await, 1);
+    for (note, message_id) in &sent {
+        sub.recorder.wait_for(message_id, Outcome::Handled).await;
+        assert_eq!(handled(&sub.pool, *note).await, 1);
     }
     let letters = store.list(&Default::default()).await.expect("list");
     assert_eq!(letters.len(), 2);
@@ -628,58 +752,39 @@ async fn replaying_a_dead_letter_after_the_fault_is_fixed_completes_it() {
     }
     assert!(store.groups().await.expect("groups").is_empty());
     // A second replay of the same group finds nothing open.
-    assert_eq!(
-        store
-            .replay_group(&group.fingerprint, "oncall@example.com")
-            .await
-            .expect("replay"),
-        0
-    );
-    subscriber.stop().await;
+    let again = store
+        .replay_group(&group.fingerprint, "oncall@example.com")
+        .await
+        .expect("replay");
+    assert_eq!(again, 0);
+    sub.stop().await;
 }
 
 #[tokio::test]
 async fn a_discarded_dead_letter_leaves_the_open_list() {
-    let env = TestEnv::new();
-    let pool = notes_db(&env).await;
-    let recorder = Arc::new(Recorder::default());
-    let behaviour = Arc::new(Behaviour {
+    let sub = Sub::start(Behaviour {
         broken: AtomicBool::new(true),
         ..Behaviour::default()
-    });
-    let subscriber = Running::subscriber(&env, behaviour, recorder).await;
-    let store = DeadLetterStore::new(pool.clone(), env.topology("sub"));
-
-    let (message_id, body) = note_message(Uuid::now_v7());
-    send(&env, &message_id, &body).await;
+    })
+    .await;
+    let store = sub.store();
+    sub.send_note().await;
     let letter = eventually("the dead letter", || async {
         store.list(&Default::default()).await.expect("list").pop()
     })
     .await;
-    assert!(
-        store
-            .discard(letter.id, "oncall@example.com")
-            .await
-            .expect("discard")
-    );
-    assert!(
-        !store
-            .discard(letter.id, "oncall@example.com")
-            .await
-            .expect("discard")
-    );
+    let operator = "oncall@example.com";
+    assert!(store.discard(letter.id, operator).await.expect("discard"));
+    assert!(!store.discard(letter.id, operator).await.expect("discard"));
     assert!(store.groups().await.expect("groups").is_empty());
     let shown = store.get(letter.id).await.expect("get").expect("kept");
     assert_eq!(shown.status, Status::Discarded);
-    assert_eq!(shown.discarded_by.as_deref(), Some("oncall@example.com"));
+    assert_eq!(shown.discarded_by.as_deref(), Some(operator));
     assert_eq!(
-        store
-            .replay(&[letter.id], "oncall@example.com")
-            .await
-            .expect("replay"),
+        store.replay(&[letter.id], operator).await.expect("replay"),
         0
     );
-    subscriber.stop().await;
+    sub.stop().await;
 }
 
 #[tokio::test]
@@ -758,28 +863,30 @@ async fn child_consumer_that_dies_after_commit() {
 
 #[tokio::test]
 async fn shutdown_finishes_the_message_in_hand_before_exiting() {
-    let env = TestEnv::new();
-    let pool = notes_db(&env).await;
-    let recorder = Arc::new(Recorder::default());
-    let behaviour = Arc::new(Behaviour {
+    let sub = Sub::start(Behaviour {
         hold: Some(Hold {
             entered: Notify::new(),
             release: Notify::new(),
         }),
         ..Behaviour::default()
-    });
-    let subscriber = Running::subscriber(&env, behaviour.clone(), recorder.clone()).await;
-    let note = Uuid::now_v7();
-    let (message_id, body) = note_message(note);
-    send(&env, &message_id, &body).await;
-    let hold = behaviour.hold.as_ref().expect("hold");
+    })
+    .await;
+    let (note, message_id) = sub.send_note().await;
+    let hold = sub.behaviour.hold.as_ref().expect("hold");
     tokio::time::timeout(testkit::DEADLINE, hold.entered.notified())
         .await
         .expect("the handler starts");
 
-    subscriber.stop.cancel();
+    sub.running.stop.cancel();
     hold.release.notify_one();
-    subscriber.stop().await;
+    let Sub {
+        running,
+        pool,
+        recorder,
+        env,
+        ..
+    } = sub;
+    running.stop().await;
 
     assert_eq!(recorder.outcomes(&message_id), [Outcome::Handled]);
     assert_eq!(handled(&pool, note).await, 1);
