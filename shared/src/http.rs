@@ -357,3 +357,159 @@ pub fn probe_routes(service: &str, checks: Vec<Check>) -> Router {
             checks: checks.into(),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use axum::routing::post;
+    use serde::Deserialize;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct Order {
+        #[allow(dead_code)]
+        quantity: u32,
+    }
+
+    async fn create(Json(_order): Json<Order>) -> StatusCode {
+        StatusCode::CREATED
+    }
+
+    async fn broken() -> Result<(), ApiError> {
+        Err(anyhow::anyhow!("connection to db-7 refused").into())
+    }
+
+    async fn invalid() -> Result<(), ApiError> {
+        Err(ApiError::Validation(vec![FieldError {
+            field: "quantity".into(),
+            message: "must be at least 1".into(),
+        }]))
+    }
+
+    fn app() -> Router {
+        let routes = Router::new()
+            .route("/orders", post(create))
+            .route("/broken", get(broken))
+            .route("/invalid", get(invalid));
+        with_common_layers(routes, "test", &crate::config::HttpSettings::default())
+    }
+
+    async fn call(
+        request: Request<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        let response = app().oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, headers, body)
+    }
+
+    fn post_json(body: &'static str) -> Request<Body> {
+        Request::post("/orders")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .expect("request")
+    }
+
+    fn assert_problem(headers: &axum::http::HeaderMap, body: &serde_json::Value, status: u16) {
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(body["status"], status);
+        assert_eq!(
+            body["request_id"],
+            headers[REQUEST_ID].to_str().expect("ascii")
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_json_is_a_problem_that_names_the_problem() {
+        let (status, headers, body) = call(post_json(r#"{"quantity": "#)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_problem(&headers, &body, 400);
+        assert!(
+            body["detail"].as_str().is_some_and(|d| d.contains("EOF")),
+            "{body}"
+        );
+
+        let (status, headers, body) = call(post_json(r#"{"quantity": "three"}"#)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_problem(&headers, &body, 422);
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("quantity")),
+            "{body}"
+        );
+
+        let request = Request::post("/orders")
+            .body(Body::from(r#"{"quantity": 1}"#))
+            .expect("request");
+        let (status, headers, body) = call(request).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_problem(&headers, &body, 415);
+
+        let (status, _, _) = call(post_json(r#"{"quantity": 1}"#)).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+
+    #[tokio::test]
+    async fn unexpected_errors_hide_their_cause_and_give_the_request_id() {
+        let request = Request::get("/broken")
+            .header(REQUEST_ID, "req-7")
+            .body(Body::empty())
+            .expect("request");
+        let (status, headers, body) = call(request).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_problem(&headers, &body, 500);
+        assert_eq!(body["request_id"], "req-7");
+        assert!(!body.to_string().contains("db-7"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn validation_errors_list_each_field() {
+        let request = Request::get("/invalid")
+            .body(Body::empty())
+            .expect("request");
+        let (status, headers, body) = call(request).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_problem(&headers, &body, 422);
+        assert_eq!(
+            body["errors"],
+            serde_json::json!([{"field": "quantity", "message": "must be at least 1"}])
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_are_problems_too() {
+        let request = Request::get("/nowhere")
+            .body(Body::empty())
+            .expect("request");
+        let (status, headers, body) = call(request).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_problem(&headers, &body, 404);
+
+        let request = Request::delete("/orders")
+            .body(Body::empty())
+            .expect("request");
+        let (status, headers, body) = call(request).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_problem(&headers, &body, 405);
+    }
+
+    #[tokio::test]
+    async fn every_response_carries_a_request_id_and_a_traceparent() {
+        let request = Request::get("/nowhere")
+            .body(Body::empty())
+            .expect("request");
+        let (_, headers, _) = call(request).await;
+        let generated = headers[REQUEST_ID].to_str().expect("ascii");
+        assert!(Uuid::parse_str(generated).is_ok(), "{generated}");
+        let traceparent = headers[TRACEPARENT].to_str().expect("ascii");
+        assert!(TraceContext::parse(traceparent).is_some(), "{traceparent}");
+    }
+}
