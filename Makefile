@@ -9,7 +9,7 @@ TEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help up test fmt lint check infra bench-hop
+.PHONY: help up test fmt lint check infra bench-hop check-broker-restart
 
 help: ## List the targets
 	@echo "Commerce make targets:"
@@ -46,3 +46,6 @@ check: lint test ## lint + test
 
 bench-hop: infra ## Benchmark one message hop through the broker
 	$(CARGO) bench -p shared --bench one_hop
+
+check-broker-restart: infra ## DISRUPTIVE: restart the real RabbitMQ mid-benchmark; check nothing is lost
+	scripts/broker-restart-check.sh

@@ -7,7 +7,8 @@
 //!     cargo bench -p shared --bench one_hop
 //!
 //! Environment: BENCH_CONCURRENCY (writers in flight, a list; default 1,8,32),
-//! BENCH_SECONDS (measured per level, default 20), BENCH_WARMUP_SECONDS (default 3).
+//! BENCH_SECONDS (measured per level, default 20), BENCH_WARMUP_SECONDS (default 3),
+//! BENCH_FLOOR=0 to skip pgbench (scripts/broker-restart-check.sh does).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -295,14 +296,21 @@ async fn main() -> anyhow::Result<()> {
         .execute(&floor_pool)
         .await?;
         floor_pool.close().await;
-        eprintln!(
-            "concurrency {concurrency}: pgbench {seconds} s, then one hop {warmup} + {seconds} s …"
-        );
-        let floor = pgbench(
-            &format!("{}_floor", test_env.namespace),
-            concurrency,
-            seconds,
-        )?;
+        let floor = if env_or("BENCH_FLOOR", 1) == 0 {
+            Floor {
+                tps: f64::NAN,
+                p50_ms: f64::NAN,
+                p99_ms: f64::NAN,
+            }
+        } else {
+            eprintln!("concurrency {concurrency}: pgbench for {seconds} s …");
+            pgbench(
+                &format!("{}_floor", test_env.namespace),
+                concurrency,
+                seconds,
+            )?
+        };
+        eprintln!("concurrency {concurrency}: one hop for {warmup} + {seconds} s …");
         let (per_second, latencies, sent, pongs) =
             hops(&test_env, concurrency, seconds, warmup).await?;
         println!(
