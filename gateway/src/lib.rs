@@ -1,26 +1,236 @@
-//! gateway: The edge of the system: the only entry point for API clients (auth, routing and rate limits arrive with the identity issue).
-//!
-//! Built so far: the service shell (health, readiness, metrics, graceful shutdown).
+//! gateway: the only entry point for API clients. Verifies tokens, applies rate limits
+//! held in Redis, routes each path of DESIGN.md §6 to its service, and serves the
+//! OpenAPI document of the whole API.
 
+mod docs;
+mod proxy;
+mod rate_limit;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
 use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::routing::any;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
 use shared::Settings;
+use shared::auth::Verifier;
+use shared::config::GatewaySettings;
+use shared::http::Check;
 use shared::service::{Infra, Needs, Service, Work};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 
-/// Names the service's database (`<ns>_gateway`).
+use proxy::Upstream;
+pub use rate_limit::{Decision, RateLimiter};
+
+/// Names the gateway's Redis keys (`<ns>:rl:…`).
 pub const SERVICE: &str = "gateway";
+
+pub type UpstreamClient = Client<HttpConnector, Body>;
+
+#[derive(Clone)]
+pub struct AppState {
+    client: UpstreamClient,
+    upstreams: Arc<HashMap<Upstream, String>>,
+    verifier: Verifier,
+    limiter: Option<RateLimiter>,
+    settings: Arc<GatewaySettings>,
+    trusted_proxies: Arc<[IpAddr]>,
+    /// Body limit for everything but image uploads.
+    body_limit: usize,
+    docs: docs::Docs,
+}
+
+fn upstream_urls(settings: &Settings) -> HashMap<Upstream, String> {
+    Upstream::ALL
+        .into_iter()
+        .map(|u| {
+            let service = match u {
+                Upstream::User => &settings.user,
+                Upstream::Product => &settings.product,
+                Upstream::Order => &settings.order,
+                Upstream::Payment => &settings.payment,
+                Upstream::Inventory => &settings.inventory,
+                Upstream::Notification => &settings.notification,
+                Upstream::File => &settings.file,
+            };
+            (u, service.base_url())
+        })
+        .collect()
+}
+
+/// Each route pattern of DESIGN.md §6 and the service that owns it.
+const ROUTES: &[(&str, Upstream)] = &[
+    ("/api/v1/auth/{*rest}", Upstream::User),
+    ("/api/v1/users/{*rest}", Upstream::User),
+    ("/api/v1/products", Upstream::Product),
+    ("/api/v1/products/{id}", Upstream::Product),
+    ("/api/v1/products/{id}/reviews", Upstream::Product),
+    ("/api/v1/products/{id}/images", Upstream::File),
+    ("/api/v1/files/{*rest}", Upstream::File),
+    ("/api/v1/inventory/{*rest}", Upstream::Inventory),
+    ("/api/v1/orders", Upstream::Order),
+    ("/api/v1/orders/{*rest}", Upstream::Order),
+    ("/api/v1/admin/users", Upstream::User),
+    ("/api/v1/admin/notifications", Upstream::Notification),
+];
+
+fn api_routes(state: AppState) -> Router {
+    let mut router = Router::new();
+    for &(pattern, upstream) in ROUTES {
+        router = router.route(
+            pattern,
+            any(
+                move |state: State<AppState>,
+                      peer: ConnectInfo<std::net::SocketAddr>,
+                      request: Request| {
+                    proxy::forward(state, upstream, peer, request)
+                },
+            ),
+        );
+    }
+    router
+        .with_state(state)
+        // API answers are data for programs, never documents to render or frame.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        ))
+}
+
+fn security_headers(router: Router) -> Router {
+    let headers = [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (
+            header::STRICT_TRANSPORT_SECURITY,
+            "max-age=63072000; includeSubDomains",
+        ),
+        (
+            HeaderName::from_static("cross-origin-opener-policy"),
+            "same-origin",
+        ),
+    ];
+    headers.into_iter().fold(router, |router, (name, value)| {
+        router.layer(SetResponseHeaderLayer::if_not_present(
+            name,
+            HeaderValue::from_static(value),
+        ))
+    })
+}
+
+fn cors(settings: &GatewaySettings) -> anyhow::Result<Option<CorsLayer>> {
+    if settings.cors_origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = settings
+        .cors_origins
+        .iter()
+        .map(|o| HeaderValue::from_str(o).with_context(|| format!("CORS origin {o:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PATCH,
+                Method::DELETE,
+                Method::OPTIONS,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("x-request-id"),
+            ])
+            .expose_headers([
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("ratelimit-limit"),
+                HeaderName::from_static("ratelimit-remaining"),
+                HeaderName::from_static("ratelimit-reset"),
+                header::RETRY_AFTER,
+                header::ETAG,
+                header::LOCATION,
+            ])
+            .max_age(Duration::from_secs(600)),
+    ))
+}
 
 pub struct Application(Service);
 
 impl Application {
-    /// Connects to what the service needs, binds its port and starts its background work.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+    pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
+        // The upload limit is enforced per route by the proxy; the outer layer only
+        // guards against anything larger.
+        let body_limit = settings.http.body_limit_bytes;
+        settings.http.body_limit_bytes = body_limit.max(settings.gateway.upload_limit_bytes);
         let needs = Needs {
             database: None,
             redis: true,
         };
         let infra = Infra::connect(SERVICE, &settings, needs).await?;
-        let service =
-            Service::start(infra, settings.gateway.port, Router::new(), Work::default()).await?;
+        let upstreams = upstream_urls(&settings);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client: UpstreamClient = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        let trusted_proxies = settings
+            .gateway
+            .trusted_proxies
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .with_context(|| format!("trusted proxy {a:?} is not an IP address"))
+            })
+            .collect::<anyhow::Result<Vec<IpAddr>>>()?;
+        let limiter = match (&infra.redis, settings.gateway.rate_limit.enabled) {
+            (Some(redis), true) => Some(RateLimiter::new(redis.clone(), &settings.namespace)),
+            _ => None,
+        };
+        let probe = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        let checks = Upstream::ALL
+            .into_iter()
+            .map(|u| Check::Http {
+                name: u.name(),
+                url: format!("{}/ready", upstreams[&u]),
+                client: probe.clone(),
+            })
+            .collect();
+        let state = AppState {
+            client,
+            docs: docs::Docs::new(upstreams.clone(), probe),
+            upstreams: Arc::new(upstreams),
+            verifier: Verifier::remote(&settings),
+            limiter,
+            settings: Arc::new(settings.gateway.clone()),
+            trusted_proxies: trusted_proxies.into(),
+            body_limit,
+        };
+        let mut router = api_routes(state.clone()).merge(docs::router(state));
+        if let Some(cors) = cors(&settings.gateway)? {
+            router = router.layer(cors);
+        }
+        let router = security_headers(router);
+        let work = Work {
+            checks,
+            ..Work::default()
+        };
+        let service = Service::start(infra, settings.gateway.port, router, work).await?;
         Ok(Self(service))
     }
 

@@ -21,7 +21,9 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     pub redis: RedisSettings,
     pub messaging: MessagingSettings,
-    pub gateway: ServiceSettings,
+    pub auth: AuthSettings,
+    pub admin: AdminSettings,
+    pub gateway: GatewaySettings,
     pub user: ServiceSettings,
     pub product: ServiceSettings,
     pub order: ServiceSettings,
@@ -42,7 +44,9 @@ impl Default for Settings {
             amqp: AmqpSettings::default(),
             redis: RedisSettings::default(),
             messaging: MessagingSettings::default(),
-            gateway: ServiceSettings::port(8080),
+            auth: AuthSettings::default(),
+            admin: AdminSettings::default(),
+            gateway: GatewaySettings::default(),
             user: ServiceSettings::port(8081),
             product: ServiceSettings::port(8082),
             order: ServiceSettings::port(8083),
@@ -109,18 +113,133 @@ impl Default for HttpSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct ServiceSettings {
+    /// Port the service listens on (0: any free port).
     pub port: u16,
+    /// Where other processes reach it; default `http://127.0.0.1:<port>`.
+    pub url: Option<String>,
 }
 
 impl ServiceSettings {
     fn port(port: u16) -> Self {
-        Self { port }
+        Self { port, url: None }
+    }
+
+    /// Base URL of the service, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
+            .trim_end_matches('/')
+            .to_owned()
     }
 }
 
 impl Default for ServiceSettings {
     fn default() -> Self {
         Self::port(0)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct AuthSettings {
+    pub issuer: String,
+    pub audience: String,
+    /// Ed25519 signing keys (user-svc); the first one is made here if there is none.
+    pub keys_dir: PathBuf,
+    /// Where verifiers fetch public keys; default: user-svc's `/.well-known/jwks.json`.
+    pub jwks_url: Option<String>,
+    pub access_token_ttl_secs: u64,
+    pub refresh_token_ttl_secs: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            issuer: "commerce".into(),
+            audience: "commerce-api".into(),
+            keys_dir: PathBuf::from("./var/keys"),
+            jwks_url: None,
+            access_token_ttl_secs: 15 * 60,
+            refresh_token_ttl_secs: 30 * 24 * 60 * 60,
+        }
+    }
+}
+
+/// The first administrator, created by user-svc at start if absent.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct AdminSettings {
+    pub email: Option<String>,
+    pub password: Option<SecretString>,
+}
+
+/// One rate-limit policy: a sustained rate with a burst allowance (GCRA).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Calls without a token, per client address.
+    pub anonymous: RateLimit,
+    /// Calls with a valid token, per user.
+    pub user: RateLimit,
+    /// Login and register, per client address (and login per email too).
+    pub auth: RateLimit,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            anonymous: RateLimit {
+                per_minute: 600,
+                burst: 100,
+            },
+            user: RateLimit {
+                per_minute: 1200,
+                burst: 200,
+            },
+            auth: RateLimit {
+                per_minute: 20,
+                burst: 10,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct GatewaySettings {
+    pub port: u16,
+    pub url: Option<String>,
+    /// A service answering slower than this gets the client a 504.
+    pub upstream_timeout_ms: u64,
+    /// Request bodies for image uploads; other requests use `http.body_limit_bytes`.
+    pub upload_limit_bytes: usize,
+    /// Origins allowed by CORS; empty: no cross-origin access.
+    pub cors_origins: Vec<String>,
+    pub rate_limit: RateLimitSettings,
+    /// Trust `X-Forwarded-For` from these peer addresses (a load balancer in front).
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            port: 8080,
+            url: None,
+            upstream_timeout_ms: 10_000,
+            upload_limit_bytes: 10 * 1024 * 1024,
+            cors_origins: Vec::new(),
+            rate_limit: RateLimitSettings::default(),
+            trusted_proxies: Vec::new(),
+        }
     }
 }
 
@@ -273,6 +392,8 @@ impl Settings {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("messaging.retry_delays_ms")
+                    .with_list_parse_key("gateway.cors_origins")
+                    .with_list_parse_key("gateway.trusted_proxies")
                     .try_parsing(true)
                     .source(environment),
             )

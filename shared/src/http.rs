@@ -76,8 +76,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("validation failed")]
     Validation(Vec<FieldError>),
-    #[error("authentication required")]
-    Unauthorized,
+    #[error("{0}")]
+    Unauthorized(&'static str),
     #[error("forbidden")]
     Forbidden,
     #[error("{0}")]
@@ -98,6 +98,20 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A database error as the client should see it: a violation of one of the named
+    /// constraints is a 409 with that constraint's message; anything else is unexpected.
+    pub fn from_db(error: sqlx::Error, constraints: &[(&str, &str)]) -> Self {
+        if let sqlx::Error::Database(db) = &error
+            && let Some(name) = db.constraint()
+            && let Some((_, message)) = constraints.iter().find(|(c, _)| *c == name)
+        {
+            return Self::Conflict((*message).to_owned());
+        }
+        Self::Unexpected(error.into())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, detail) = match &self {
@@ -106,7 +120,7 @@ impl IntoResponse for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 Some("the request has invalid fields".into()),
             ),
-            Self::Unauthorized => (StatusCode::UNAUTHORIZED, None),
+            Self::Unauthorized(m) => (StatusCode::UNAUTHORIZED, Some((*m).to_owned())),
             Self::Forbidden => (StatusCode::FORBIDDEN, None),
             Self::NotFound(m) => (StatusCode::NOT_FOUND, Some(m.clone())),
             Self::Conflict(m) => (StatusCode::CONFLICT, Some(m.clone())),
@@ -120,11 +134,18 @@ impl IntoResponse for ApiError {
                 )
             }
         };
+        let unauthorized = matches!(self, Self::Unauthorized(_));
         let mut problem = Problem::new(status, detail);
         if let Self::Validation(errors) = self {
             problem.errors = errors;
         }
-        problem.into_response()
+        let mut response = problem.into_response();
+        if unauthorized {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 
@@ -265,6 +286,12 @@ pub enum Check {
     Database(sqlx::PgPool),
     Broker(crate::messaging::Broker),
     Redis(deadpool_redis::Pool),
+    /// Another service's `/ready` (the gateway reports every service).
+    Http {
+        name: &'static str,
+        url: String,
+        client: reqwest::Client,
+    },
 }
 
 impl Check {
@@ -273,6 +300,7 @@ impl Check {
             Self::Database(_) => "database",
             Self::Broker(_) => "broker",
             Self::Redis(_) => "redis",
+            Self::Http { name, .. } => name,
         }
     }
 
@@ -292,6 +320,14 @@ impl Check {
                         .await
                         .map(drop)
                         .map_err(|e| e.to_string())
+                }
+                Self::Http { url, client, .. } => {
+                    let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+                    if response.status().is_success() {
+                        Ok(())
+                    } else {
+                        Err(format!("answered {}", response.status()))
+                    }
                 }
             }
         };

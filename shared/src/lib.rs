@@ -2,8 +2,10 @@
 //! domain: settings, telemetry, HTTP conventions, database bootstrap, and the messaging
 //! kernel (outbox, consumer runner, retries, dead letters).
 
+pub mod auth;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod http;
 pub mod messaging;
 pub mod metrics;

@@ -107,11 +107,13 @@ pub struct Service {
     relay: Option<JoinHandle<()>>,
 }
 
-/// What [`Service::start`] starts besides the HTTP routes.
+/// What [`Service::start`] runs besides the HTTP routes.
 #[derive(Default)]
 pub struct Work {
     pub handlers: Vec<Arc<dyn Handler>>,
     pub observer: Option<Arc<dyn Observer>>,
+    /// More for `/ready` to check, besides the service's own connections.
+    pub checks: Vec<Check>,
 }
 
 impl Service {
@@ -167,6 +169,7 @@ impl Service {
         if let Some(redis) = &infra.redis {
             checks.push(Check::Redis(redis.clone()));
         }
+        checks.extend(work.checks);
 
         let address = (settings.http.host.as_str(), port);
         let listener = TcpListener::bind(address)
@@ -212,7 +215,10 @@ impl Service {
             }
             shutdown.cancel();
         };
-        let served = axum::serve(self.listener, self.router)
+        let app = self
+            .router
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(stop)
             .await;
         // The HTTP side stopped (or failed): stop consumers too, whatever the reason.

@@ -176,6 +176,7 @@ impl Running {
             Work {
                 handlers: vec![Arc::new(RecordNote(behaviour))],
                 observer: Some(recorder),
+                ..Work::default()
             },
         )
         .await

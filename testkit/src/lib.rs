@@ -56,8 +56,8 @@ impl TestEnv {
         settings.postgres.max_connections = 5;
         settings.messaging.retry_delays_ms = vec![50, 100, 200];
         settings.messaging.outbox_poll_interval_ms = 200;
+        settings.gateway.port = 0;
         for service in [
-            &mut settings.gateway,
             &mut settings.user,
             &mut settings.product,
             &mut settings.order,

@@ -1,0 +1,175 @@
+//! The harness for tests of the whole system: real services started in this process on
+//! free ports, wired to each other, in a namespace of their own.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use shared::Settings;
+use shared::service::Service;
+use testkit::{TestEnv, eventually};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A password every test account can use: long and not guessable.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn spawn(service: Service) -> Self {
+        let stop = service.shutdown_token();
+        let task = tokio::spawn(service.run_until_stopped());
+        Self { stop, task }
+    }
+}
+
+/// The system under test. Dropping it stops every service and removes the namespace.
+pub struct Stack {
+    pub settings: Settings,
+    pub client: reqwest::Client,
+    /// `http://127.0.0.1:<port>` of each gateway started.
+    pub gateways: Vec<String>,
+    /// `http://127.0.0.1:<port>` of user-svc, for calls that skip the gateway.
+    pub user: String,
+    pub keys_dir: PathBuf,
+    running: Vec<Running>,
+    env: TestEnv,
+}
+
+/// What to start and how.
+pub struct StackOptions {
+    pub gateways: usize,
+    /// Changes to the settings before anything starts.
+    pub configure: Box<dyn FnOnce(&mut Settings)>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            gateways: 1,
+            configure: Box::new(|_| {}),
+        }
+    }
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> Self {
+        let env = TestEnv::new();
+        let mut settings = env.settings();
+        let keys_dir = std::env::temp_dir().join(format!("commerce-{}-keys", env.namespace));
+        settings.auth.keys_dir = keys_dir.clone();
+        (options.configure)(&mut settings);
+        let mut running = Vec::new();
+
+        let user = user_svc::Application::build(settings.clone())
+            .await
+            .expect("user-svc starts");
+        settings.user.url = Some(format!("http://127.0.0.1:{}", user.port()));
+        running.push(Running::spawn(user.into()));
+
+        let mut gateways = Vec::new();
+        for _ in 0..options.gateways {
+            let gateway = gateway::Application::build(settings.clone())
+                .await
+                .expect("gateway starts");
+            gateways.push(format!("http://127.0.0.1:{}", gateway.port()));
+            running.push(Running::spawn(gateway.into()));
+        }
+        let user = settings.user.base_url();
+        Self {
+            settings,
+            client: reqwest::Client::new(),
+            gateways,
+            user,
+            keys_dir,
+            running,
+            env,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.env.namespace
+    }
+
+    pub fn env(&self) -> &TestEnv {
+        &self.env
+    }
+
+    /// The first gateway.
+    pub fn gateway(&self) -> &str {
+        &self.gateways[0]
+    }
+
+    /// A request to the first gateway, `path` under `/api/v1`.
+    pub fn api(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}/api/v1{path}", self.gateway()))
+    }
+
+    /// Registers an account with `role` and returns the register response.
+    pub async fn register(&self, email: &str, role: &str) -> Value {
+        let response = self
+            .api(Method::POST, "/auth/register")
+            .json(&json!({"email": email, "password": PASSWORD, "name": "Test User", "role": role}))
+            .send()
+            .await
+            .expect("register request");
+        let status = response.status();
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
+        self.api(Method::POST, "/auth/login")
+            .json(&json!({"email": email, "password": password}))
+            .send()
+            .await
+            .expect("login request")
+    }
+
+    /// A unique email for this test.
+    pub fn email(&self, who: &str) -> String {
+        format!("{who}.{}@example.com", self.env.namespace)
+    }
+
+    /// Waits until every service answers `/ready` through the gateway's report.
+    pub async fn wait_ready(&self, services: &[&str]) {
+        eventually("the gateway to report the services ready", || async {
+            let response = self
+                .client
+                .get(format!("{}/ready", self.gateway()))
+                .send()
+                .await
+                .ok()?;
+            let body: Value = response.json().await.ok()?;
+            services
+                .iter()
+                .all(|s| body["checks"][s]["status"] == "ok")
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for running in &self.running {
+            running.stop.cancel();
+            running.task.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.keys_dir);
+    }
+}
+
+/// How long tests wait for the system; generous for a busy machine.
+pub const WAIT: Duration = testkit::DEADLINE;

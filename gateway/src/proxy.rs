@@ -1,0 +1,422 @@
+//! Forwarding one request to its service: verify a presented token first, count it
+//! against the rate limits, then stream the body up and the response back, with the
+//! hop-by-hop and internal headers removed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt as _, Limited};
+use shared::auth::{AuthError, Claims};
+use shared::http::Problem;
+use shared::telemetry::TraceContext;
+
+use crate::AppState;
+use crate::rate_limit::Decision;
+
+/// The services behind the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Upstream {
+    User,
+    Product,
+    Order,
+    Payment,
+    Inventory,
+    Notification,
+    File,
+}
+
+impl Upstream {
+    pub const ALL: [Self; 7] = [
+        Self::User,
+        Self::Product,
+        Self::Order,
+        Self::Payment,
+        Self::Inventory,
+        Self::Notification,
+        Self::File,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::User => "user-svc",
+            Self::Product => "product-svc",
+            Self::Order => "order-svc",
+            Self::Payment => "payment-svc",
+            Self::Inventory => "inventory-svc",
+            Self::Notification => "notification-svc",
+            Self::File => "file-svc",
+        }
+    }
+}
+
+/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Identity and routing headers only the gateway may set.
+fn is_internal(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with("x-commerce-")
+        || name.starts_with("x-forwarded-")
+        || name == "forwarded"
+        || name == "x-real-ip"
+        || name == "x-user-id"
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The client's address: the peer, or the nearest untrusted address in
+/// `X-Forwarded-For` when the peer is a trusted proxy.
+pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    forwarded
+        .iter()
+        .rev()
+        .find(|a| !trusted.contains(a))
+        .copied()
+        .unwrap_or(peer)
+}
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    Problem::new(status, Some(detail.into())).into_response()
+}
+
+fn rate_limit_headers(headers: &mut HeaderMap, decision: &Decision) {
+    let pairs = [
+        ("ratelimit-limit", decision.limit.to_string()),
+        ("ratelimit-remaining", decision.remaining.to_string()),
+        (
+            "ratelimit-reset",
+            decision.reset.as_secs().max(1).to_string(),
+        ),
+    ];
+    for (name, value) in pairs {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+}
+
+fn too_many(decision: &Decision) -> Response {
+    let seconds = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut response = problem(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("too many requests; try again in {seconds} s"),
+    );
+    rate_limit_headers(response.headers_mut(), decision);
+    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// Login and register are limited harder, and login per email too.
+fn is_auth_write(method: &Method, path: &str) -> bool {
+    method == Method::POST && matches!(path, "/api/v1/auth/login" | "/api/v1/auth/register")
+}
+
+/// The largest login or register body the gateway reads to find the email.
+const AUTH_BODY_LIMIT: usize = 16 * 1024;
+
+fn email_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct WithEmail {
+        email: String,
+    }
+    serde_json::from_slice::<WithEmail>(body)
+        .ok()
+        .map(|b| b.email.trim().to_lowercase())
+}
+
+pub async fn forward(
+    State(state): State<AppState>,
+    upstream: Upstream,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+
+    // A token that is there must be good; a missing one is the service's business.
+    let claims: Option<Claims> = match state.verifier.verify_header(&parts).await {
+        Ok(claims) => Some(claims),
+        Err(AuthError::Missing) => None,
+        Err(error) => {
+            tracing::info!(%error, "token refused at the gateway");
+            return shared::http::ApiError::Unauthorized("a valid bearer token is required")
+                .into_response();
+        }
+    };
+    let client = client_address(&parts.headers, peer.ip(), &state.trusted_proxies);
+    let path = parts.uri.path().to_owned();
+
+    // The body of login and register is small and read here for the per-email limit.
+    let auth_write = is_auth_write(&parts.method, &path);
+    let (body, email) = if auth_write {
+        match Limited::new(body, AUTH_BODY_LIMIT).collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                let email = email_of(&bytes);
+                (Body::from(bytes), email)
+            }
+            Err(_) => {
+                return problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the request body is too large",
+                );
+            }
+        }
+    } else {
+        (body, None)
+    };
+
+    let mut decision = None;
+    if let Some(limiter) = &state.limiter {
+        let policies = &state.settings.rate_limit;
+        let mut checks = vec![match &claims {
+            Some(claims) => ("user", claims.sub.to_string(), policies.user),
+            None => ("ip", client.to_string(), policies.anonymous),
+        }];
+        if auth_write {
+            checks.push(("auth-ip", client.to_string(), policies.auth));
+            if let Some(email) = &email
+                && path.ends_with("/login")
+            {
+                checks.push(("login-email", email.clone(), policies.auth));
+            }
+        }
+        for (scope, id, policy) in checks {
+            match limiter.check(scope, &id, policy).await {
+                Ok(d) => decision = Some(decision.map_or(d, |prev: Decision| prev.tighter(d))),
+                Err(error) => {
+                    // Redis down: serve rather than refuse everyone.
+                    metrics::counter!("gateway_rate_limit_errors_total").increment(1);
+                    tracing::warn!(%error, "rate limit check failed; letting the request through");
+                }
+            }
+        }
+        if let Some(d) = decision.filter(|d| !d.allowed) {
+            metrics::counter!("gateway_rate_limited_total", "upstream" => upstream.name())
+                .increment(1);
+            return too_many(&d);
+        }
+    }
+
+    let limit = if upstream == Upstream::File && parts.method == Method::POST {
+        state.settings.upload_limit_bytes
+    } else {
+        state.body_limit
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than {limit} bytes"),
+        );
+    }
+
+    let Some(base) = state.upstreams.get(&upstream) else {
+        return problem(
+            StatusCode::BAD_GATEWAY,
+            format!("no address for {}", upstream.name()),
+        );
+    };
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Ok(uri) = format!("{base}{path_and_query}").parse::<Uri>() else {
+        return problem(StatusCode::BAD_REQUEST, "the request path is not valid");
+    };
+    let original_host = parts.headers.get(header::HOST).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    let internal: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|name| is_internal(name))
+        .cloned()
+        .collect();
+    for name in internal {
+        parts.headers.remove(name);
+    }
+    parts.headers.remove(header::HOST);
+    let headers = &mut parts.headers;
+    if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    if let Some(host) = original_host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    if let Some(trace) = TraceContext::current() {
+        if let Ok(value) = HeaderValue::from_str(&trace.traceparent()) {
+            headers.insert(HeaderName::from_static("traceparent"), value);
+        }
+        if let Some(id) = trace
+            .request_id
+            .as_deref()
+            .and_then(|id| HeaderValue::from_str(id).ok())
+        {
+            headers.insert(HeaderName::from_static("x-request-id"), id);
+        }
+    }
+    if let Some(claims) = &claims
+        && let Ok(value) = HeaderValue::from_str(&claims.sub.to_string())
+    {
+        // For the services' logs only: they verify the token themselves.
+        headers.insert(HeaderName::from_static("x-commerce-user-id"), value);
+    }
+    parts.uri = uri;
+    parts.version = axum::http::Version::HTTP_11;
+    let body = Body::new(Limited::new(body, limit));
+    let outgoing = axum::http::Request::from_parts(parts, body);
+
+    let started = Instant::now();
+    let timeout = Duration::from_millis(state.settings.upstream_timeout_ms);
+    let result = tokio::time::timeout(timeout, state.client.request(outgoing)).await;
+    let outcome = match &result {
+        Ok(Ok(response)) => response.status().as_u16().to_string(),
+        Ok(Err(_)) => "error".to_owned(),
+        Err(_) => "timeout".to_owned(),
+    };
+    metrics::histogram!("gateway_upstream_duration_seconds", "upstream" => upstream.name(), "status" => outcome)
+        .record(started.elapsed().as_secs_f64());
+
+    let mut response = match result {
+        Ok(Ok(response)) => response.map(Body::new),
+        Ok(Err(error)) => {
+            if is_length_limit(&error) {
+                return problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is larger than {limit} bytes"),
+                );
+            }
+            tracing::warn!(upstream = upstream.name(), error = %error, "upstream request failed");
+            return problem(
+                StatusCode::BAD_GATEWAY,
+                format!("{} is not available", upstream.name()),
+            );
+        }
+        Err(_) => {
+            tracing::warn!(upstream = upstream.name(), ?timeout, "upstream timed out");
+            return problem(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{} did not answer within {} ms",
+                    upstream.name(),
+                    timeout.as_millis()
+                ),
+            );
+        }
+    };
+    strip_hop_by_hop(response.headers_mut());
+    if let Some(decision) = &decision {
+        rate_limit_headers(response.headers_mut(), decision);
+    }
+    response
+}
+
+fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_address_comes_from_forwarded_headers_only_behind_a_trusted_proxy() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 10.0.0.2"),
+        );
+        let peer: IpAddr = "10.0.0.1".parse().expect("ip");
+        let lb: Vec<IpAddr> = vec![
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        ];
+        assert_eq!(
+            client_address(&headers, peer, &[]),
+            peer,
+            "spoofable without trust"
+        );
+        assert_eq!(
+            client_address(&headers, peer, &lb),
+            "203.0.113.9".parse::<IpAddr>().expect("ip")
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn internal_identity_headers_are_recognised() {
+        for name in [
+            "x-commerce-user-id",
+            "x-forwarded-for",
+            "x-user-id",
+            "forwarded",
+        ] {
+            assert!(is_internal(&HeaderName::from_static(name)), "{name}");
+        }
+        assert!(!is_internal(&header::AUTHORIZATION));
+    }
+}
