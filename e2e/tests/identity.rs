@@ -508,3 +508,57 @@ async fn the_gateway_reports_each_service_and_sets_security_headers() {
         "application/problem+json"
     );
 }
+
+#[tokio::test]
+async fn the_gateway_serves_the_api_document_and_its_docs_page() {
+    let stack = Stack::start().await;
+    let (status, doc) = status_and_body(
+        stack
+            .api(Method::GET, "/openapi.json")
+            .send()
+            .await
+            .expect("openapi"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
+        "{doc}"
+    );
+    for path in [
+        "/api/v1/auth/register",
+        "/api/v1/auth/login",
+        "/api/v1/auth/refresh",
+        "/api/v1/users/me",
+        "/api/v1/admin/users",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from {doc}");
+    }
+    assert!(doc["paths"]["/api/v1/auth/login"]["post"]["responses"]["401"].is_object());
+    assert!(doc["components"]["schemas"]["Problem"].is_object());
+    assert!(doc["components"]["schemas"]["AuthResponse"].is_object());
+    // Only user-svc runs here; the document says which services it could not ask.
+    let missing = doc["x-services-not-answering"].as_array().expect("list");
+    assert!(missing.iter().any(|s| s == "order-svc"), "{missing:?}");
+
+    let page = stack
+        .client
+        .get(format!("{}/api/v1/docs/", stack.gateway()))
+        .send()
+        .await
+        .expect("docs page");
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.expect("html");
+    assert!(html.to_lowercase().contains("swagger"), "{html}");
+    let initializer = stack
+        .client
+        .get(format!(
+            "{}/api/v1/docs/swagger-initializer.js",
+            stack.gateway()
+        ))
+        .send()
+        .await
+        .expect("initializer");
+    let script = initializer.text().await.expect("js");
+    assert!(script.contains("/api/v1/openapi.json"), "{script}");
+}

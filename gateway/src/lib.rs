@@ -16,6 +16,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::any;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
@@ -25,7 +27,6 @@ use shared::config::GatewaySettings;
 use shared::http::Check;
 use shared::service::{Infra, Needs, Service, Work};
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::set_header::SetResponseHeaderLayer;
 
 use proxy::Upstream;
 pub use rate_limit::{Decision, RateLimiter};
@@ -35,14 +36,25 @@ pub const SERVICE: &str = "gateway";
 
 pub type UpstreamClient = Client<HttpConnector, Body>;
 
+/// Shared by every request; axum clones the state per request, so it is one `Arc`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+pub struct Inner {
     client: UpstreamClient,
-    upstreams: Arc<HashMap<Upstream, String>>,
+    upstreams: HashMap<Upstream, String>,
     verifier: Verifier,
     limiter: Option<RateLimiter>,
-    settings: Arc<GatewaySettings>,
-    trusted_proxies: Arc<[IpAddr]>,
+    settings: GatewaySettings,
+    trusted_proxies: Vec<IpAddr>,
     /// Body limit for everything but image uploads.
     body_limit: usize,
     docs: docs::Docs,
@@ -96,17 +108,22 @@ fn api_routes(state: AppState) -> Router {
             ),
         );
     }
-    router
-        .with_state(state)
-        // API answers are data for programs, never documents to render or frame.
-        .layer(SetResponseHeaderLayer::if_not_present(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
-        ))
+    router.with_state(state)
 }
 
-fn security_headers(router: Router) -> Router {
-    let headers = [
+/// API answers are data for programs, never documents to render or frame; the docs page
+/// is a document and needs its own scripts and styles.
+const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+const DOCS_CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
+     script-src 'self'; frame-ancestors 'none'";
+
+/// Security headers on every response that does not set its own (one middleware rather
+/// than a layer per header: each layer costs a boxed clone per request).
+async fn security_headers(request: Request, next: Next) -> Response {
+    let docs = request.uri().path().starts_with("/api/v1/docs");
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    let set = [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::REFERRER_POLICY, "no-referrer"),
@@ -118,13 +135,17 @@ fn security_headers(router: Router) -> Router {
             HeaderName::from_static("cross-origin-opener-policy"),
             "same-origin",
         ),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            if docs { DOCS_CSP } else { API_CSP },
+        ),
     ];
-    headers.into_iter().fold(router, |router, (name, value)| {
-        router.layer(SetResponseHeaderLayer::if_not_present(
-            name,
-            HeaderValue::from_static(value),
-        ))
-    })
+    for (name, value) in set {
+        headers
+            .entry(name)
+            .or_insert(HeaderValue::from_static(value));
+    }
+    response
 }
 
 fn cors(settings: &GatewaySettings) -> anyhow::Result<Option<CorsLayer>> {
@@ -195,9 +216,14 @@ impl Application {
                     .with_context(|| format!("trusted proxy {a:?} is not an IP address"))
             })
             .collect::<anyhow::Result<Vec<IpAddr>>>()?;
-        let limiter = match (&infra.redis, settings.gateway.rate_limit.enabled) {
-            (Some(redis), true) => Some(RateLimiter::new(redis.clone(), &settings.namespace)),
-            _ => None,
+        let limiter = if settings.gateway.rate_limit.enabled {
+            let url = secrecy::ExposeSecret::expose_secret(&settings.redis.url);
+            Some(
+                RateLimiter::new(url, &settings.namespace)
+                    .context("COMMERCE__REDIS__URL is not a Redis URL")?,
+            )
+        } else {
+            None
         };
         let probe = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
@@ -211,21 +237,21 @@ impl Application {
                 client: probe.clone(),
             })
             .collect();
-        let state = AppState {
+        let state = AppState(Arc::new(Inner {
             client,
             docs: docs::Docs::new(upstreams.clone(), probe),
-            upstreams: Arc::new(upstreams),
+            upstreams,
             verifier: Verifier::remote(&settings),
             limiter,
-            settings: Arc::new(settings.gateway.clone()),
-            trusted_proxies: trusted_proxies.into(),
+            settings: settings.gateway.clone(),
+            trusted_proxies,
             body_limit,
-        };
+        }));
         let mut router = api_routes(state.clone()).merge(docs::router(state));
         if let Some(cors) = cors(&settings.gateway)? {
             router = router.layer(cors);
         }
-        let router = security_headers(router);
+        let router = router.layer(axum::middleware::from_fn(security_headers));
         let work = Work {
             checks,
             ..Work::default()

@@ -318,7 +318,7 @@ pub async fn forward(
         .record(started.elapsed().as_secs_f64());
 
     let mut response = match result {
-        Ok(Ok(response)) => response.map(Body::new),
+        Ok(Ok(response)) => buffer_small(response).await,
         Ok(Err(error)) => {
             if is_length_limit(&error) {
                 return problem(
@@ -349,6 +349,33 @@ pub async fn forward(
         rate_limit_headers(response.headers_mut(), decision);
     }
     response
+}
+
+/// Largest response body read whole before answering; larger or unsized ones stream.
+const BUFFER_UP_TO: u64 = 256 * 1024;
+
+/// Like nginx's proxy buffering: a small answer goes to the client in one write, head and
+/// body together, instead of the head first and the body after.
+async fn buffer_small(response: axum::http::Response<hyper::body::Incoming>) -> Response {
+    let length = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if length.is_none_or(|l| l > BUFFER_UP_TO) {
+        return response.map(Body::new);
+    }
+    let (parts, body) = response.into_parts();
+    match body.collect().await {
+        Ok(collected) => Response::from_parts(parts, Body::from(collected.to_bytes())),
+        Err(error) => {
+            tracing::warn!(%error, "upstream response body failed");
+            problem(
+                StatusCode::BAD_GATEWAY,
+                "the service's answer was cut short",
+            )
+        }
+    }
 }
 
 fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -1,27 +1,45 @@
 //! Rate limits held in Redis, so they hold across gateway replicas. GCRA (the generic
 //! cell rate algorithm): one key per client holding its "theoretical arrival time",
 //! read and updated atomically by a Lua script using Redis' own clock.
+//!
+//! Leases: for a generous limit, one call takes up to a few cells at once (never more
+//! than the client has left) and the replica spends them locally, so a busy client does
+//! not cost a Redis round trip per request. Every admitted request was paid for in Redis,
+//! so the limit is never exceeded; cells a replica leased but did not use within a second
+//! are lost, which only makes the limit slightly stricter. Small limits lease one cell at
+//! a time and are exact.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use deadpool_redis::redis::Script;
+use deadpool_redis::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use deadpool_redis::redis::{Client, Script};
 use shared::config::RateLimit;
 
+/// Grants up to ARGV[3] cells; returns {granted, remaining, retry_after_us, reset_us}.
 const GCRA: &str = r"
 local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - tolerance
-if allow_at > now then
-  return {0, 0, allow_at - now, tat - now}
+local fit = math.floor((now + tolerance - tat) / interval)
+if fit < 1 then
+  return {0, 0, tat + interval - tolerance - now, tat - now}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000))
-return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
+local granted = math.min(fit, want)
+local new_tat = tat + granted * interval
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return {granted, math.floor((now + tolerance - new_tat) / interval), 0, new_tat - now}
 ";
+
+/// How long leased cells may wait to be spent.
+const LEASE_TTL: Duration = Duration::from_secs(1);
+const LEASE_MAX: u32 = 32;
+/// Clients with a lease remembered at once per replica.
+const LEASES: usize = 100_000;
 
 /// The answer for one request under one policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,24 +68,66 @@ impl Decision {
     }
 }
 
+/// Cells this replica took from Redis and has not spent yet.
+struct Lease {
+    cells: u32,
+    /// What Redis had left for the client when the lease was taken.
+    remaining: u32,
+    limit: u32,
+    taken: Instant,
+    reset: Duration,
+}
+
+impl Lease {
+    fn spend(&mut self) -> Option<Decision> {
+        if self.cells == 0 || self.taken.elapsed() >= LEASE_TTL {
+            return None;
+        }
+        self.cells -= 1;
+        Some(Decision {
+            allowed: true,
+            limit: self.limit,
+            remaining: self.remaining + self.cells,
+            retry_after: Duration::ZERO,
+            reset: self.reset.saturating_sub(self.taken.elapsed()),
+        })
+    }
+}
+
+/// Checks go over one multiplexed connection: concurrent checks are pipelined into
+/// shared reads and writes instead of each taking a connection and its syscalls.
 #[derive(Clone)]
 pub struct RateLimiter {
-    pool: deadpool_redis::Pool,
+    redis: ConnectionManager,
     prefix: String,
-    script: std::sync::Arc<Script>,
+    script: Arc<Script>,
+    leases: Arc<quick_cache::sync::Cache<String, Arc<Mutex<Lease>>>>,
 }
 
 fn micros(value: i64) -> Duration {
     Duration::from_micros(u64::try_from(value).unwrap_or(0))
 }
 
+/// Cells taken per call: a twentieth of the burst, 1 to 32.
+fn lease_size(policy: RateLimit) -> u32 {
+    (policy.burst / 20).clamp(1, LEASE_MAX)
+}
+
 impl RateLimiter {
-    pub fn new(pool: deadpool_redis::Pool, namespace: &str) -> Self {
-        Self {
-            pool,
+    /// Connects on first use, and again after Redis comes back.
+    pub fn new(redis_url: &str, namespace: &str) -> anyhow::Result<Self> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            // A slow Redis must not hold requests up for long: past this, fail open.
+            .set_response_timeout(Some(Duration::from_millis(250)))
+            .set_number_of_retries(1);
+        let redis = ConnectionManager::new_lazy_with_config(Client::open(redis_url)?, config)?;
+        Ok(Self {
+            redis,
             prefix: format!("{namespace}:rl"),
-            script: std::sync::Arc::new(Script::new(GCRA)),
-        }
+            script: Arc::new(Script::new(GCRA)),
+            leases: Arc::new(quick_cache::sync::Cache::new(LEASES)),
+        })
     }
 
     /// Counts one request of `id` against `policy` under `scope`.
@@ -77,28 +137,60 @@ impl RateLimiter {
         id: &str,
         policy: RateLimit,
     ) -> anyhow::Result<Decision> {
-        let interval = 60_000_000 / i64::from(policy.per_minute.max(1));
-        let mut conn = self.pool.get().await?;
-        let (allowed, remaining, retry_after, reset): (i64, i64, i64, i64) = self
+        let key = format!("{}:{scope}:{id}", self.prefix);
+        let want = lease_size(policy);
+        if want > 1
+            && let Some(lease) = self.leases.get(&key)
+            && let Some(decision) = lease.lock().unwrap_or_else(|e| e.into_inner()).spend()
+        {
+            return Ok(decision);
+        }
+        // Microseconds between requests at the sustained rate; at least one.
+        let interval = (60_000_000 / i64::from(policy.per_minute.max(1))).max(1);
+        let limit = policy.burst.max(1);
+        let mut conn = self.redis.clone();
+        let (granted, remaining, retry_after, reset): (i64, i64, i64, i64) = self
             .script
-            .key(format!("{}:{scope}:{id}", self.prefix))
+            .key(&key)
             .arg(interval)
-            .arg(policy.burst.max(1))
+            .arg(limit)
+            .arg(want)
             .invoke_async(&mut conn)
             .await?;
+        let granted = u32::try_from(granted).unwrap_or(0);
+        let remaining = u32::try_from(remaining).unwrap_or(0);
+        let reset = micros(reset);
+        if granted > 1 {
+            let lease = Lease {
+                cells: granted - 1,
+                remaining,
+                limit,
+                taken: Instant::now(),
+                reset,
+            };
+            self.leases.insert(key, Arc::new(Mutex::new(lease)));
+        }
         Ok(Decision {
-            allowed: allowed == 1,
-            limit: policy.burst.max(1),
-            remaining: u32::try_from(remaining).unwrap_or(0),
+            allowed: granted > 0,
+            limit,
+            remaining: remaining + granted.saturating_sub(1),
             retry_after: micros(retry_after),
-            reset: micros(reset),
+            reset,
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use deadpool_redis::redis::AsyncCommands as _;
+
     use super::*;
+
+    const REDIS: &str = "redis://127.0.0.1:6379";
+
+    fn namespace() -> String {
+        format!("t{}", uuid::Uuid::now_v7().simple())
+    }
 
     fn decision(allowed: bool, remaining: u32, retry_ms: u64) -> Decision {
         Decision {
@@ -120,5 +212,113 @@ mod tests {
         assert_eq!(open.tighter(shut), shut);
         assert_eq!(shut.tighter(open), shut);
         assert_eq!(shut.tighter(shut_longer), shut_longer);
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_allowed_then_the_next_request_waits_one_interval() {
+        let limiter = RateLimiter::new(REDIS, &namespace()).expect("limiter");
+        let policy = RateLimit {
+            per_minute: 60,
+            burst: 3,
+        };
+        let mut remaining = Vec::new();
+        for _ in 0..3 {
+            let decision = limiter
+                .check("ip", "198.51.100.7", policy)
+                .await
+                .expect("redis");
+            assert!(decision.allowed);
+            remaining.push(decision.remaining);
+        }
+        assert_eq!(remaining, [2, 1, 0]);
+        let denied = limiter
+            .check("ip", "198.51.100.7", policy)
+            .await
+            .expect("redis");
+        assert!(!denied.allowed);
+        assert!(
+            denied.retry_after > Duration::from_millis(900)
+                && denied.retry_after <= Duration::from_secs(1),
+            "{denied:?}"
+        );
+        let other = limiter
+            .check("ip", "198.51.100.8", policy)
+            .await
+            .expect("redis");
+        assert!(other.allowed, "each client has its own allowance");
+    }
+
+    #[tokio::test]
+    async fn a_lease_serves_several_requests_with_one_redis_call() {
+        let ns = namespace();
+        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
+        // One cell a minute: Redis' state moves only when cells are taken.
+        let policy = RateLimit {
+            per_minute: 1,
+            burst: 100,
+        };
+        let mut redis = Client::open(REDIS)
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let key = format!("{ns}:rl:user:u1");
+        let tat = async |redis: &mut deadpool_redis::redis::aio::MultiplexedConnection| -> f64 {
+            redis
+                .get::<_, String>(&key)
+                .await
+                .expect("key")
+                .parse()
+                .expect("number")
+        };
+        let first = limiter.check("user", "u1", policy).await.expect("decision");
+        assert_eq!(first.remaining, 99);
+        let after_first = tat(&mut redis).await;
+        for expected in [98, 97, 96, 95] {
+            let decision = limiter.check("user", "u1", policy).await.expect("decision");
+            assert_eq!(decision.remaining, expected);
+        }
+        assert_eq!(tat(&mut redis).await, after_first, "spent from the lease");
+        limiter.check("user", "u1", policy).await.expect("decision");
+        assert!(tat(&mut redis).await > after_first, "the next lease");
+    }
+
+    #[tokio::test]
+    async fn replicas_with_leases_never_admit_more_than_the_limit() {
+        let ns = namespace();
+        let replicas = [
+            RateLimiter::new(REDIS, &ns).expect("limiter"),
+            RateLimiter::new(REDIS, &ns).expect("limiter"),
+        ];
+        let policy = RateLimit {
+            per_minute: 1,
+            burst: 100,
+        };
+        let mut admitted = 0;
+        for i in 0..300 {
+            let decision = replicas[i % 2]
+                .check("ip", "203.0.113.5", policy)
+                .await
+                .expect("decision");
+            admitted += u32::from(decision.allowed);
+        }
+        let stranded = 2 * lease_size(policy);
+        assert!(admitted <= 100 && admitted >= 100 - stranded, "{admitted}");
+    }
+
+    #[tokio::test]
+    async fn very_high_limits_are_checked_not_failed_open() {
+        let limiter = RateLimiter::new(REDIS, &namespace()).expect("limiter");
+        let policy = RateLimit {
+            per_minute: 1_000_000_000,
+            burst: 100_000_000,
+        };
+        for _ in 0..100 {
+            let decision = limiter
+                .check("user", "u1", policy)
+                .await
+                .expect("a decision, not an error");
+            assert!(decision.allowed);
+        }
     }
 }

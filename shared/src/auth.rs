@@ -35,7 +35,7 @@ use crate::http::ApiError;
 
 pub use jsonwebtoken::jwk::JwkSet;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Customer,
@@ -382,11 +382,17 @@ pub enum AuthError {
 }
 
 /// Checks access tokens: signature by a known key, EdDSA only, issuer, audience, expiry.
+/// Tokens that passed are remembered until they expire, since a client sends the same
+/// token with many requests; a refused token is checked in full every time.
 #[derive(Clone)]
 pub struct Verifier {
     source: Arc<Source>,
     validation: Arc<Validation>,
+    verified: Arc<quick_cache::sync::Cache<String, Claims>>,
 }
+
+/// Verified tokens remembered per process.
+const VERIFIED_CAPACITY: usize = 20_000;
 
 impl Verifier {
     fn with_source(source: Source, settings: &AuthSettings) -> Self {
@@ -398,6 +404,7 @@ impl Verifier {
         Self {
             source: Arc::new(source),
             validation: Arc::new(validation),
+            verified: Arc::new(quick_cache::sync::Cache::new(VERIFIED_CAPACITY)),
         }
     }
 
@@ -429,6 +436,18 @@ impl Verifier {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        if let Some(claims) = self.verified.get(token) {
+            if claims.exp > Utc::now().timestamp() {
+                return Ok(claims);
+            }
+            self.verified.remove(token);
+        }
+        let claims = self.verify_uncached(token).await?;
+        self.verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Claims, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         if header.alg != Algorithm::EdDSA {
@@ -576,6 +595,30 @@ mod tests {
         let last = tampered.pop().expect("non-empty");
         tampered.push(if last == 'A' { 'B' } else { 'A' });
         assert!(verifier.verify(&tampered).await.is_err());
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn remembered_tokens_are_trusted_only_until_they_expire() {
+        let dir = temp_dir("remember");
+        let keys = Arc::new(SigningKeys::open(&dir).expect("keys"));
+        let verifier = Verifier::local(keys, &settings());
+        let claims = Claims::new(Uuid::now_v7(), vec![Role::Customer], &settings());
+        // Not a token at all: only the memory could make it pass.
+        let forged = "remembered-but-not-a-token";
+        verifier.verified.insert(forged.to_owned(), claims.clone());
+        assert_eq!(verifier.verify(forged).await.expect("remembered"), claims);
+
+        let expired = Claims {
+            exp: Utc::now().timestamp() - 1,
+            ..claims
+        };
+        verifier.verified.insert(forged.to_owned(), expired);
+        assert!(
+            verifier.verify(forged).await.is_err(),
+            "checked in full again"
+        );
+        assert!(verifier.verified.get(forged).is_none(), "and forgotten");
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
 

@@ -227,6 +227,9 @@ pub struct GatewaySettings {
     pub rate_limit: RateLimitSettings,
     /// Trust `X-Forwarded-For` from these peer addresses (a load balancer in front).
     pub trusted_proxies: Vec<String>,
+    /// 0: one event-loop thread, like an nginx worker (scale by running more gateways);
+    /// N: a work-stealing runtime with N threads.
+    pub worker_threads: usize,
 }
 
 impl Default for GatewaySettings {
@@ -239,6 +242,7 @@ impl Default for GatewaySettings {
             cors_origins: Vec::new(),
             rate_limit: RateLimitSettings::default(),
             trusted_proxies: Vec::new(),
+            worker_threads: 0,
         }
     }
 }

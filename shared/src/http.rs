@@ -15,24 +15,25 @@ use axum::{
 };
 use serde::Serialize;
 use serde_json::json;
-use uuid::Uuid;
 
 use crate::telemetry::TraceContext;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
 }
 
-/// RFC 9457 problem details.
-#[derive(Clone, Debug, Serialize)]
+/// RFC 9457 problem details: every error of the API.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
+    #[schema(example = "about:blank")]
     pub kind: &'static str,
+    #[schema(example = "Unprocessable Entity")]
     pub title: &'static str,
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,11 +189,33 @@ fn header_str(req: &Request, name: &HeaderName) -> Option<String> {
 /// Request id and trace context for each request: taken from `X-Request-Id` and
 /// `traceparent` when the caller sent valid ones, made up otherwise, made current for
 /// the handler (so events it writes carry them) and returned on the response.
-async fn request_context(State(service): State<Arc<str>>, req: Request, next: Next) -> Response {
+/// A time-ordered id (UUID v7) for a request that came without one. Its random part is
+/// for uniqueness only, so it comes from a fast generator instead of a system call.
+fn new_request_id() -> String {
+    let millis = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or_default();
+    let mut random = [0u8; 10];
+    fastrand::fill(&mut random);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .to_string()
+}
+
+/// What the request-context middleware needs, shared by every request.
+struct Common {
+    service: Arc<str>,
+    timeout: Duration,
+    body_limit: usize,
+}
+
+/// One middleware for what every request gets (each extra layer is one more boxed
+/// service cloned per request): request id and trace context, a body size limit, a time
+/// limit, the access log line and the HTTP metrics.
+async fn request_context(State(common): State<Arc<Common>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let service = &common.service;
     let request_id = header_str(&req, &REQUEST_ID)
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.is_ascii())
-        .unwrap_or_else(|| Uuid::now_v7().to_string());
+        .unwrap_or_else(new_request_id);
     let trace = header_str(&req, &TRACEPARENT)
         .and_then(|h| TraceContext::parse(&h))
         .map(|parent| parent.child())
@@ -211,8 +234,38 @@ async fn request_context(State(service): State<Arc<str>>, req: Request, next: Ne
         trace_id = %trace.trace_id(),
     );
     let traceparent = trace.traceparent();
-    let mut response =
-        tracing::Instrument::instrument(trace.scope(next.run(req)), span.clone()).await;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let handle = async {
+        if declared.is_some_and(|length| length > common.body_limit) {
+            return Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Some(format!(
+                    "the request body is larger than {} bytes",
+                    common.body_limit
+                )),
+            )
+            .into_response();
+        }
+        // Bodies without a length are cut off at the limit while they are read.
+        let limit = common.body_limit;
+        let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
+        match tokio::time::timeout(common.timeout, next.run(req)).await {
+            Ok(response) => response,
+            Err(_) => Problem::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                Some(format!(
+                    "the request took longer than {} ms",
+                    common.timeout.as_millis()
+                )),
+            )
+            .into_response(),
+        }
+    };
+    let mut response = tracing::Instrument::instrument(trace.scope(handle), span.clone()).await;
 
     let status = response.status();
     let elapsed = started.elapsed();
@@ -265,19 +318,15 @@ pub fn with_common_layers(
     service: &str,
     settings: &crate::config::HttpSettings,
 ) -> Router {
-    use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
+    let common = Arc::new(Common {
+        service: service.into(),
+        timeout: Duration::from_millis(settings.request_timeout_ms),
+        body_limit: settings.body_limit_bytes,
+    });
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            Duration::from_millis(settings.request_timeout_ms),
-        ))
-        .layer(RequestBodyLimitLayer::new(settings.body_limit_bytes))
-        .layer(middleware::from_fn_with_state(
-            Arc::<str>::from(service),
-            request_context,
-        ))
+        .layer(middleware::from_fn_with_state(common, request_context))
 }
 
 /// One dependency's state for `/ready`.
@@ -401,6 +450,7 @@ mod tests {
     use axum::routing::post;
     use serde::Deserialize;
     use tower::ServiceExt as _;
+    use uuid::Uuid;
 
     use super::*;
 
@@ -425,12 +475,22 @@ mod tests {
         }]))
     }
 
+    async fn slow() -> StatusCode {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        StatusCode::OK
+    }
+
     fn app() -> Router {
         let routes = Router::new()
             .route("/orders", post(create))
             .route("/broken", get(broken))
-            .route("/invalid", get(invalid));
-        with_common_layers(routes, "test", &crate::config::HttpSettings::default())
+            .route("/invalid", get(invalid))
+            .route("/slow", get(slow));
+        let settings = crate::config::HttpSettings {
+            body_limit_bytes: 64,
+            ..crate::config::HttpSettings::default()
+        };
+        with_common_layers(routes, "test", &settings)
     }
 
     async fn call(
@@ -491,6 +551,36 @@ mod tests {
 
         let (status, _, _) = call(post_json(r#"{"quantity": 1}"#)).await;
         assert_eq!(status, StatusCode::CREATED);
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
+        let big = format!(r#"{{"quantity": 1, "padding": "{}"}}"#, "x".repeat(100));
+        let declared = Request::post("/orders")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, big.len())
+            .body(Body::from(big.clone()))
+            .expect("request");
+        let (status, headers, body) = call(declared).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_problem(&headers, &body, 413);
+
+        let chunks: Vec<Result<String, std::io::Error>> =
+            vec![Ok(big[..50].into()), Ok(big[50..].into())];
+        let streamed = Request::post("/orders")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(futures_util::stream::iter(chunks)))
+            .expect("request");
+        let (status, _, _) = call(streamed).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_past_the_time_limit_gets_504() {
+        let request = Request::get("/slow").body(Body::empty()).expect("request");
+        let (status, headers, body) = call(request).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_problem(&headers, &body, 504);
     }
 
     #[tokio::test]

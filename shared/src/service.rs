@@ -270,7 +270,16 @@ where
     Fut: Future<Output = anyhow::Result<A>>,
     A: Into<Service>,
 {
-    let settings = Settings::load()?;
+    serve(Settings::load()?, build).await
+}
+
+/// Logs, build and serve with settings already loaded.
+pub async fn serve<A, F, Fut>(settings: Settings, build: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: Future<Output = anyhow::Result<A>>,
+    A: Into<Service>,
+{
     crate::telemetry::init(&settings);
     let service: Service = build(settings).await?.into();
     service.run_until_stopped().await

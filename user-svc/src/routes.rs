@@ -7,7 +7,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use shared::auth::{AuthUser, JwkSet, Role};
 use shared::events::{Event as _, UserRegistered};
-use shared::http::{ApiError, Json};
+use shared::http::{ApiError, FieldError, Json, Problem};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -18,8 +18,25 @@ use crate::tokens::{Refused, TokenPair};
 const BAD_CREDENTIALS: &str = "email or password is wrong";
 const BAD_REFRESH: &str = "the refresh token is not valid";
 
+/// This service's part of the API document; the gateway merges it with the others'.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(register, login, refresh, logout, me, list_users),
+    components(schemas(Problem, FieldError, Role, TokenPair)),
+    tags(
+        (name = "auth", description = "Accounts and tokens"),
+        (name = "users", description = "The signed-in user"),
+        (name = "admin", description = "For administrators"),
+    )
+)]
+pub struct ApiDoc;
+
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route(
+            "/openapi.json",
+            get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }),
+        )
         .route("/api/v1/auth/register", post(register))
         .route("/api/v1/auth/login", post(login))
         .route("/api/v1/auth/refresh", post(refresh))
@@ -31,7 +48,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct UserView {
     pub id: Uuid,
     pub email: String,
@@ -39,21 +56,39 @@ pub struct UserView {
     pub roles: Vec<Role>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AuthResponse {
     pub user: UserView,
     #[serde(flatten)]
     pub tokens: TokenPair,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct RegisterRequest {
+    #[schema(example = "ada@example.com")]
     email: String,
+    /// 10 to 128 characters, hard to guess.
+    #[schema(example = "correct horse battery staple")]
     password: String,
+    #[schema(example = "Ada Lovelace")]
     name: String,
+    /// `customer` (default) or `seller`.
+    #[schema(example = "customer")]
     role: Option<String>,
 }
 
+/// Creates an account and signs it in.
+#[utoipa::path(
+    post, path = "/api/v1/auth/register", tag = "auth",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Registered and signed in", body = AuthResponse),
+        (status = 400, description = "Not valid JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The email has an account", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, listed in `errors`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many attempts", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn register(
     State(state): State<AppState>,
     Json(request): Json<RegisterRequest>,
@@ -123,9 +158,11 @@ async fn register(
     Ok((StatusCode::CREATED, Json(AuthResponse { user, tokens })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct LoginRequest {
+    #[schema(example = "ada@example.com")]
     email: String,
+    #[schema(example = "correct horse battery staple")]
     password: String,
 }
 
@@ -162,6 +199,16 @@ async fn find_user(
         .await
 }
 
+/// Signs in: a new token pair.
+#[utoipa::path(
+    post, path = "/api/v1/auth/login", tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Signed in", body = AuthResponse),
+        (status = 401, description = "Unknown email or wrong password (the same answer for both)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many attempts", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn login(
     State(state): State<AppState>,
     Json(request): Json<LoginRequest>,
@@ -191,11 +238,21 @@ async fn login(
     Ok(Json(AuthResponse { user, tokens }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct RefreshRequest {
     refresh_token: String,
 }
 
+/// Trades a refresh token for a new pair. Each refresh token works once; presenting a
+/// used one revokes every token of its sign-in.
+#[utoipa::path(
+    post, path = "/api/v1/auth/refresh", tag = "auth",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "A new pair", body = AuthResponse),
+        (status = 401, description = "Unknown, expired, revoked or reused", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn refresh(
     State(state): State<AppState>,
     Json(request): Json<RefreshRequest>,
@@ -227,6 +284,12 @@ async fn refresh(
     Ok(Json(AuthResponse { user, tokens }))
 }
 
+/// Revokes every token of the sign-in the refresh token belongs to.
+#[utoipa::path(
+    post, path = "/api/v1/auth/logout", tag = "auth",
+    request_body = RefreshRequest,
+    responses((status = 204, description = "Signed out (also for an unknown token)"))
+)]
 async fn logout(
     State(state): State<AppState>,
     Json(request): Json<RefreshRequest>,
@@ -243,6 +306,15 @@ async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The signed-in user.
+#[utoipa::path(
+    get, path = "/api/v1/users/me", tag = "users",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = UserView),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn me(State(state): State<AppState>, caller: AuthUser) -> Result<Json<UserView>, ApiError> {
     find_user(&state.pool, "id", caller.id())
         .await?
@@ -250,19 +322,31 @@ async fn me(State(state): State<AppState>, caller: AuthUser) -> Result<Json<User
         .ok_or_else(|| ApiError::NotFound("this account no longer exists".into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct Page {
+    /// 1 to 200, default 50.
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
     cursor: Option<Uuid>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct UserList {
     items: Vec<UserView>,
     next_cursor: Option<Uuid>,
 }
 
-/// Every account, oldest first (ids are time-ordered), for admins.
+/// Every account, oldest first, a page at a time.
+#[utoipa::path(
+    get, path = "/api/v1/admin/users", tag = "admin",
+    params(Page),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = UserList),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an administrator", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn list_users(
     State(state): State<AppState>,
     caller: AuthUser,

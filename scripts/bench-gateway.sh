@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Gateway overhead, measured in one run on this machine:
+#   - GET /api/v1/users/me through the gateway (token verified, rate limit checked in
+#     Redis, proxied to user-svc, which verifies the token again and reads the user);
+#   - the same GET straight to user-svc;
+#   - the same GET through nginx (proxy_pass with keep-alive) in front of user-svc;
+#   - POST /api/v1/auth/login through the gateway (argon2id, OWASP parameters).
+# Throughput: wrk, closed loop, the three targets interleaved for BENCH_ROUNDS rounds,
+# medians reported. Latency at equal load: hey at one fixed rate for all three (60% of
+# nginx's median throughput). Release builds; rate limits raised so every request is
+# counted (leased from Redis) but none is refused.
+# Needs wrk, hey, nginx and python3 (apt install wrk hey nginx-light).
+#
+#   scripts/bench-gateway.sh     # BENCH_SECONDS=15 BENCH_ROUNDS=3 BENCH_CONNECTIONS=32
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SECONDS_PER_RUN=${BENCH_SECONDS:-15}
+ROUNDS=${BENCH_ROUNDS:-3}
+CONNECTIONS=${BENCH_CONNECTIONS:-32}
+NS=benchgw
+for tool in wrk hey nginx python3 psql curl; do
+  command -v "$tool" >/dev/null || { echo "bench-gateway: $tool is required" >&2; exit 1; }
+done
+
+cargo build --release -q -p user-svc -p gateway
+TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+BIN="$TARGET/release"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+USER_PORT=$(free_port); GATEWAY_PORT=$(free_port); NGINX_PORT=$(free_port)
+WORK=$(mktemp -d)
+PIDS=()
+drop_db() { psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS ${NS}_user WITH (FORCE)" >/dev/null 2>&1 || true; }
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  drop_db
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+drop_db
+
+export COMMERCE__NAMESPACE=$NS
+export COMMERCE__USER__PORT=$USER_PORT COMMERCE__GATEWAY__PORT=$GATEWAY_PORT
+export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
+export COMMERCE__GATEWAY__RATE_LIMIT__USER__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__USER__BURST=100000000
+export COMMERCE__GATEWAY__RATE_LIMIT__AUTH__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__AUTH__BURST=100000000
+export COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__BURST=100000000
+"$BIN/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
+"$BIN/gateway" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes auto;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream user { server 127.0.0.1:$USER_PORT; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://user;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+
+wait_for() {
+  for _ in $(seq 1 200); do
+    curl -fs "$1" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "bench-gateway: $1 did not answer" >&2; cat "$WORK"/*.log >&2; exit 1
+}
+wait_for "http://127.0.0.1:$USER_PORT/ready"
+wait_for "http://127.0.0.1:$GATEWAY_PORT/health"
+wait_for "http://127.0.0.1:$NGINX_PORT/health"
+
+EMAIL="bench-$RANDOM@example.com"
+PASSWORD="correct horse battery staple"
+TOKEN=$(curl -fs "http://127.0.0.1:$GATEWAY_PORT/api/v1/auth/register" -H 'content-type: application/json' \
+  -d "{\"email\":\"$EMAIL\",\"password\":\"$PASSWORD\",\"name\":\"Bench\"}" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+
+cat >"$WORK/login.lua" <<EOF
+wrk.method = "POST"
+wrk.body = '{"email":"$EMAIL","password":"$PASSWORD"}'
+wrk.headers["Content-Type"] = "application/json"
+EOF
+
+# wrk's report as: requests/s, p50 ms, p99 ms, non-2xx responses, socket errors.
+cat >"$WORK/parse.py" <<'EOF'
+import re, sys
+text = sys.stdin.read()
+def ms(label):
+    m = re.search(r"^\s+" + label + r"%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+errors = re.search(r"Socket errors: (.*)", text)
+error_text = errors.group(1).replace(" ", "_") if errors else "none"
+print("%.0f %.2f %.2f %s %s" % (rps, ms("50"), ms("99"), bad.group(1) if bad else 0, error_text))
+EOF
+run() {
+  local url=$1; shift
+  wrk -t2 -c"$CONNECTIONS" -d3s "$@" "$url" >/dev/null   # warm-up
+  wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency "$@" "$url" | python3 "$WORK/parse.py"
+}
+
+AUTH=(-H "Authorization: Bearer $TOKEN")
+GATEWAY_URL="http://127.0.0.1:$GATEWAY_PORT/api/v1/users/me"
+DIRECT_URL="http://127.0.0.1:$USER_PORT/api/v1/users/me"
+NGINX_URL="http://127.0.0.1:$NGINX_PORT/api/v1/users/me"
+echo "bench-gateway: $CONNECTIONS connections, $ROUNDS rounds of ${SECONDS_PER_RUN} s, $(nproc) cores" >&2
+: >"$WORK/max.txt"
+for round in $(seq 1 "$ROUNDS"); do
+  for target in gateway direct nginx; do
+    url_var="${target^^}_URL"
+    echo "$target $(run "${!url_var}" "${AUTH[@]}")" >>"$WORK/max.txt"
+  done
+  echo "bench-gateway: round $round done" >&2
+done
+read -r login_rps login_p50 login_p99 login_bad login_err < <(run "http://127.0.0.1:$GATEWAY_PORT/api/v1/auth/login" -s "$WORK/login.lua")
+
+# Latency at one fixed rate for all three: 60% of nginx's median throughput.
+RATE=$(python3 - "$WORK/max.txt" "$CONNECTIONS" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+nginx = statistics.median(float(r[1]) for r in rows if r[0] == "nginx")
+per_worker = max(1, int(nginx * 0.6 / int(sys.argv[2])))
+print(per_worker)
+EOF
+)
+cat >"$WORK/hey.py" <<'EOF'
+import re, sys
+text = sys.stdin.read()
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+def pct(p):
+    return float(re.search(r"\s%d%% in ([\d.]+) secs" % p, text).group(1)) * 1000
+codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", text))
+bad = sum(int(n) for c, n in codes.items() if not c.startswith("2"))
+print("%.0f %.2f %.2f %d" % (rps, pct(50), pct(99), bad))
+EOF
+: >"$WORK/fixed.txt"
+for target in gateway direct nginx; do
+  url_var="${target^^}_URL"
+  hey -z 3s -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" >/dev/null
+  echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" | python3 "$WORK/hey.py")" >>"$WORK/fixed.txt"
+done
+
+python3 - "$WORK/max.txt" "$WORK/fixed.txt" "$CONNECTIONS" "$SECONDS_PER_RUN" "$ROUNDS" "$RATE" \
+  "$login_rps" "$login_p50" "$login_p99" "$login_bad" <<'EOF'
+import statistics, sys
+max_file, fixed_file, conns, secs, rounds, rate = sys.argv[1:7]
+login = sys.argv[7:11]
+rows = [l.split() for l in open(max_file)]
+fixed = {r[0]: r[1:] for r in (l.split() for l in open(fixed_file))}
+names = {
+    "gateway": "through the gateway (token, rate limit, proxy)",
+    "direct": "straight to user-svc",
+    "nginx": "through nginx 1.22 (proxy_pass, keep-alive)",
+}
+med = {}
+for target in names:
+    mine = [r for r in rows if r[0] == target]
+    med[target] = [statistics.median(float(r[i]) for r in mine) for i in (1, 2, 3)]
+    med[target].append(sum(int(r[4]) for r in mine))
+total_rate = int(rate) * int(conns)
+print(f"| GET /api/v1/users/me | max requests/s (median of {rounds}) | p50 ms | p99 ms | at {total_rate} requests/s: p50 ms | p99 ms | non-2xx |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for target, label in names.items():
+    rps, p50, p99, bad = med[target]
+    f_rps, f50, f99, fbad = fixed[target]
+    print(f"| {label} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {float(f50):.2f} | {float(f99):.2f} | {bad + int(fbad)} |")
+print()
+print(f"| POST /api/v1/auth/login through the gateway (argon2id m=19 MiB, t=2, p=1), {conns} connections | {float(login[0]):.0f} requests/s | p50 {login[1]} ms | p99 {login[2]} ms | non-2xx {login[3]} |")
+print("|---|---:|---:|---:|---:|")
+print()
+ratio = med["gateway"][0] / med["nginx"][0] * 100
+print(f"gateway max throughput = {ratio:.0f}% of nginx's; p99 at equal load: gateway {float(fixed['gateway'][2]):.2f} ms, nginx {float(fixed['nginx'][2]):.2f} ms")
+EOF
