@@ -173,3 +173,57 @@ impl Drop for Stack {
 
 /// How long tests wait for the system; generous for a busy machine.
 pub const WAIT: Duration = testkit::DEADLINE;
+
+/// A stand-in for a service, run by the test: answers every request with what it
+/// received (method, path and query, headers, body length), optionally after a delay.
+pub struct EchoUpstream {
+    pub url: String,
+    task: JoinHandle<()>,
+}
+
+impl EchoUpstream {
+    pub async fn start(delay: Duration) -> Self {
+        use axum::body::Body;
+        use axum::extract::Request;
+        use http_body_util::BodyExt as _;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let app = axum::Router::new().fallback(move |request: Request| async move {
+            tokio::time::sleep(delay).await;
+            let (parts, body) = request.into_parts();
+            let headers: serde_json::Map<String, Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("<binary>"))))
+                .collect();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(usize::MAX);
+            let echo = json!({
+                "method": parts.method.as_str(),
+                "uri": parts.uri.to_string(),
+                "headers": headers,
+                "body_bytes": bytes,
+            });
+            axum::response::Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from(echo.to_string()))
+                .expect("response")
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, task }
+    }
+}
+
+impl Drop for EchoUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
