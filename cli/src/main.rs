@@ -1,5 +1,6 @@
 //! `commerce`: the project's command-line tool.
 
+mod keys;
 mod up;
 
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ enum Command {
     /// crashed services are restarted with backoff. Ctrl-C or SIGTERM stops all services
     /// gracefully (SIGTERM, then SIGKILL after the grace period); a second Ctrl-C kills them.
     Up(up::UpArgs),
+    /// Manage user-svc's token-signing keys (rotation)
+    Keys(keys::KeysArgs),
 }
 
 #[tokio::main]
@@ -32,6 +35,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => up::run(args).await,
+        Command::Keys(args) => keys::run(args),
     };
     result.unwrap_or_else(|err| {
         eprintln!("error: {err:#}");

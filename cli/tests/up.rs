@@ -386,3 +386,31 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         std::thread::sleep(POLL);
     }
 }
+
+#[test]
+fn keys_rotate_adds_a_key_that_signs() {
+    let dir = std::env::temp_dir().join(format!("commerce-keys-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let commerce = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_commerce"))
+            .args(["keys", "--dir"])
+            .arg(&dir)
+            .args(args)
+            .output()
+            .expect("run commerce keys");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let first = commerce(&["rotate"]);
+    let second = commerce(&["rotate"]);
+    let listed = commerce(&["list"]);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].ends_with("verifies") && lines[1].ends_with("signs"),
+        "{listed}"
+    );
+    let newest = lines[1].split_whitespace().next().expect("id");
+    assert!(second.contains(newest) && !first.contains(newest));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
