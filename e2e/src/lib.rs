@@ -28,6 +28,54 @@ impl Running {
     }
 }
 
+/// A service the harness can start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Svc {
+    User,
+    Product,
+    Inventory,
+    File,
+    Order,
+    Payment,
+    Notification,
+}
+
+impl Svc {
+    fn settings(self, settings: &mut Settings) -> &mut shared::config::ServiceSettings {
+        match self {
+            Self::User => &mut settings.user,
+            Self::Product => &mut settings.product,
+            Self::Inventory => &mut settings.inventory,
+            Self::File => &mut settings.file,
+            Self::Order => &mut settings.order,
+            Self::Payment => &mut settings.payment,
+            Self::Notification => &mut settings.notification,
+        }
+    }
+
+    /// Builds the service on a free port; returns it and its port.
+    async fn build(self, settings: Settings) -> (Service, u16) {
+        macro_rules! start {
+            ($app:ty) => {{
+                let app = <$app>::build(settings)
+                    .await
+                    .unwrap_or_else(|e| panic!("{self:?} starts: {e:#}"));
+                let port = app.port();
+                (Service::from(app), port)
+            }};
+        }
+        match self {
+            Self::User => start!(user_svc::Application),
+            Self::Product => start!(product_svc::Application),
+            Self::Inventory => start!(inventory_svc::Application),
+            Self::File => start!(file_svc::Application),
+            Self::Order => start!(order_svc::Application),
+            Self::Payment => start!(payment_svc::Application),
+            Self::Notification => start!(notification_svc::Application),
+        }
+    }
+}
+
 /// The system under test. Dropping it stops every service and removes the namespace.
 pub struct Stack {
     pub settings: Settings,
@@ -43,6 +91,8 @@ pub struct Stack {
 
 /// What to start and how.
 pub struct StackOptions {
+    /// Started in this order after user-svc (always started: it issues the tokens).
+    pub services: Vec<Svc>,
     pub gateways: usize,
     /// Changes to the settings before anything starts.
     pub configure: Box<dyn FnOnce(&mut Settings)>,
@@ -51,6 +101,7 @@ pub struct StackOptions {
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
+            services: Vec::new(),
             gateways: 1,
             configure: Box::new(|_| {}),
         }
@@ -62,6 +113,15 @@ impl Stack {
         Self::start_with(StackOptions::default()).await
     }
 
+    /// user-svc and `services`, then the gateways.
+    pub async fn with(services: &[Svc]) -> Self {
+        Self::start_with(StackOptions {
+            services: services.to_vec(),
+            ..StackOptions::default()
+        })
+        .await
+    }
+
     pub async fn start_with(options: StackOptions) -> Self {
         let env = TestEnv::new();
         let mut settings = env.settings();
@@ -70,11 +130,13 @@ impl Stack {
         (options.configure)(&mut settings);
         let mut running = Vec::new();
 
-        let user = user_svc::Application::build(settings.clone())
-            .await
-            .expect("user-svc starts");
-        settings.user.url = Some(format!("http://127.0.0.1:{}", user.port()));
-        running.push(Running::spawn(user.into()));
+        let mut services = vec![Svc::User];
+        services.extend(options.services.iter().filter(|s| **s != Svc::User));
+        for svc in services {
+            let (service, port) = svc.build(settings.clone()).await;
+            svc.settings(&mut settings).url = Some(format!("http://127.0.0.1:{port}"));
+            running.push(Running::spawn(service));
+        }
 
         let mut gateways = Vec::new();
         for _ in 0..options.gateways {
@@ -94,6 +156,23 @@ impl Stack {
             running,
             env,
         }
+    }
+
+    /// Base URL of a started service, for calls that skip the gateway.
+    pub fn url(&self, svc: Svc) -> String {
+        let mut settings = self.settings.clone();
+        svc.settings(&mut settings).base_url()
+    }
+
+    /// Registers an account with `role`; returns its access token and id.
+    pub async fn account(&self, who: &str, role: &str) -> (String, uuid::Uuid) {
+        let body = self.register(&self.email(who), role).await;
+        let token = body["access_token"].as_str().expect("token").to_owned();
+        let id = body["user"]["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("id");
+        (token, id)
     }
 
     pub fn namespace(&self) -> &str {

@@ -266,6 +266,7 @@ async fn past_the_limit_clients_get_429_across_two_gateways() {
                 burst: 6,
             };
         }),
+        ..StackOptions::default()
     })
     .await;
     let mut allowed = 0;

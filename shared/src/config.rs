@@ -23,6 +23,9 @@ pub struct Settings {
     pub messaging: MessagingSettings,
     pub auth: AuthSettings,
     pub admin: AdminSettings,
+    pub files: FileSettings,
+    pub reservations: ReservationSettings,
+    pub cache: CacheSettings,
     pub gateway: GatewaySettings,
     pub user: ServiceSettings,
     pub product: ServiceSettings,
@@ -46,6 +49,9 @@ impl Default for Settings {
             messaging: MessagingSettings::default(),
             auth: AuthSettings::default(),
             admin: AdminSettings::default(),
+            files: FileSettings::default(),
+            reservations: ReservationSettings::default(),
+            cache: CacheSettings::default(),
             gateway: GatewaySettings::default(),
             user: ServiceSettings::port(8081),
             product: ServiceSettings::port(8082),
@@ -172,6 +178,72 @@ impl Default for AuthSettings {
 pub struct AdminSettings {
     pub email: Option<String>,
     pub password: Option<SecretString>,
+}
+
+/// Image uploads (file-svc).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct FileSettings {
+    /// Where images and thumbnails are stored.
+    pub dir: PathBuf,
+    /// Largest upload accepted.
+    pub max_bytes: u64,
+    /// Largest image accepted, in pixels (width × height): bigger is refused before
+    /// decoding, so a small file declaring a huge image cannot exhaust memory.
+    pub max_pixels: u64,
+    /// Longest side of a thumbnail.
+    pub thumbnail_size: u32,
+}
+
+impl Default for FileSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./var/files"),
+            max_bytes: 10 * 1024 * 1024,
+            max_pixels: 40_000_000,
+            thumbnail_size: 256,
+        }
+    }
+}
+
+/// Stock reservations (inventory-svc).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ReservationSettings {
+    /// A reservation not committed within this time is released.
+    pub ttl_secs: u64,
+    /// How often the sweeper looks for expired reservations.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for ReservationSettings {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 15 * 60,
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
+
+/// The catalog's read-aside cache in Redis (product-svc).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    /// Product detail entries live this long unless a change removes them first.
+    pub product_ttl_secs: u64,
+    /// List pages live this long unless a change removes them first.
+    pub list_ttl_secs: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            product_ttl_secs: 300,
+            list_ttl_secs: 60,
+        }
+    }
 }
 
 /// One rate-limit policy: a sustained rate with a burst allowance (GCRA).

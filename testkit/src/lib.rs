@@ -56,6 +56,7 @@ impl TestEnv {
         settings.postgres.max_connections = 5;
         settings.messaging.retry_delays_ms = vec![50, 100, 200];
         settings.messaging.outbox_poll_interval_ms = 200;
+        settings.files.dir = std::env::temp_dir().join(format!("commerce-{namespace}-files"));
         settings.gateway.port = 0;
         for service in [
             &mut settings.user,
@@ -139,6 +140,7 @@ impl Drop for TestEnv {
         }
         let namespace = self.namespace.clone();
         let settings = self.settings.clone();
+        let _ = std::fs::remove_dir_all(&settings.files.dir);
         // Own thread and runtime: this also runs while a failed test unwinds.
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
