@@ -86,6 +86,8 @@ const ROUTES: &[(&str, Upstream)] = &[
     ("/api/v1/products/{id}", Upstream::Product),
     ("/api/v1/products/{id}/reviews", Upstream::Product),
     ("/api/v1/products/{id}/images", Upstream::File),
+    ("/api/v1/categories", Upstream::Product),
+    ("/api/v1/categories/{*rest}", Upstream::Product),
     ("/api/v1/files/{*rest}", Upstream::File),
     ("/api/v1/inventory/{*rest}", Upstream::Inventory),
     ("/api/v1/orders", Upstream::Order),

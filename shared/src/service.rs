@@ -107,6 +107,12 @@ pub struct Service {
     relay: Option<JoinHandle<()>>,
 }
 
+/// A task of the service's own (a sweeper, a scheduler), given the shutdown token: it
+/// should return soon after the token is cancelled, and is awaited before exit.
+pub type Background = Box<
+    dyn FnOnce(CancellationToken) -> futures_util::future::BoxFuture<'static, ()> + Send,
+>;
+
 /// What [`Service::start`] runs besides the HTTP routes.
 #[derive(Default)]
 pub struct Work {
@@ -114,6 +120,7 @@ pub struct Work {
     pub observer: Option<Arc<dyn Observer>>,
     /// More for `/ready` to check, besides the service's own connections.
     pub checks: Vec<Check>,
+    pub background: Vec<Background>,
 }
 
 impl Service {
@@ -170,6 +177,9 @@ impl Service {
             checks.push(Check::Redis(redis.clone()));
         }
         checks.extend(work.checks);
+        for task in work.background {
+            workers.spawn(task(shutdown.child_token()));
+        }
 
         let address = (settings.http.host.as_str(), port);
         let listener = TcpListener::bind(address)
