@@ -109,9 +109,8 @@ pub struct Service {
 
 /// A task of the service's own (a sweeper, a scheduler), given the shutdown token: it
 /// should return soon after the token is cancelled, and is awaited before exit.
-pub type Background = Box<
-    dyn FnOnce(CancellationToken) -> futures_util::future::BoxFuture<'static, ()> + Send,
->;
+pub type Background =
+    Box<dyn FnOnce(CancellationToken) -> futures_util::future::BoxFuture<'static, ()> + Send>;
 
 /// What [`Service::start`] runs besides the HTTP routes.
 #[derive(Default)]
