@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# The catalog's read path with and without its Redis cache, measured in one run:
+#   - GET /api/v1/products/{id} through the gateway to a product-svc whose cache is on
+#     (and warm), and through a second gateway to a product-svc with
+#     COMMERCE__CACHE__ENABLED=false (PostgreSQL on every read);
+#   - the same two straight to each product-svc, to show the gateway's share.
+# Both product-svc instances share one database of 10,000 products; wrk asks for 1,000
+# of them at random. Throughput: wrk, closed loop, the four targets interleaved for
+# BENCH_ROUNDS rounds, medians reported. Latency at equal load: hey at one fixed rate
+# for both gateway targets (60% of the cache-off median throughput), one product.
+# Release builds; rate limits raised so every request is counted but none refused.
+# Needs wrk, hey, python3, psql and curl (apt install wrk hey postgresql-client).
+#
+#   scripts/bench-catalog.sh     # BENCH_SECONDS=15 BENCH_ROUNDS=3 BENCH_CONNECTIONS=32
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SECONDS_PER_RUN=${BENCH_SECONDS:-15}
+ROUNDS=${BENCH_ROUNDS:-3}
+CONNECTIONS=${BENCH_CONNECTIONS:-32}
+PRODUCTS=10000
+HOT=1000
+NS=benchcat
+for tool in wrk hey python3 psql curl; do
+  command -v "$tool" >/dev/null || { echo "bench-catalog: $tool is required" >&2; exit 1; }
+done
+
+cargo build --release -q -p user-svc -p product-svc -p gateway
+TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+BIN="$TARGET/release"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+USER_PORT=$(free_port); CACHED_PORT=$(free_port); UNCACHED_PORT=$(free_port)
+GW_CACHED_PORT=$(free_port); GW_UNCACHED_PORT=$(free_port)
+WORK=$(mktemp -d)
+PIDS=()
+psql_ns() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
+drop_dbs() {
+  for db in user product; do
+    psql_ns -d postgres -c "DROP DATABASE IF EXISTS ${NS}_$db WITH (FORCE)" >/dev/null 2>&1 || true
+  done
+}
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  # The namespace's queues stay (same names next run); its Redis keys expire by TTL.
+  drop_dbs
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+drop_dbs
+
+export COMMERCE__NAMESPACE=$NS COMMERCE__USER__PORT=$USER_PORT
+export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
+export COMMERCE__GATEWAY__RATE_LIMIT__USER__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__USER__BURST=100000000
+export COMMERCE__GATEWAY__RATE_LIMIT__AUTH__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__AUTH__BURST=100000000
+export COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__BURST=100000000
+
+wait_for() {
+  for _ in $(seq 1 300); do
+    curl -fs "$1" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "bench-catalog: $1 did not answer" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1
+}
+
+"$BIN/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
+wait_for "http://127.0.0.1:$USER_PORT/ready"
+COMMERCE__PRODUCT__PORT=$CACHED_PORT "$BIN/product-svc" >"$WORK/product-cached.log" 2>&1 & PIDS+=($!)
+wait_for "http://127.0.0.1:$CACHED_PORT/ready"
+COMMERCE__PRODUCT__PORT=$UNCACHED_PORT COMMERCE__CACHE__ENABLED=false \
+  "$BIN/product-svc" >"$WORK/product-uncached.log" 2>&1 & PIDS+=($!)
+wait_for "http://127.0.0.1:$UNCACHED_PORT/ready"
+COMMERCE__GATEWAY__PORT=$GW_CACHED_PORT COMMERCE__PRODUCT__URL="http://127.0.0.1:$CACHED_PORT" \
+  "$BIN/gateway" >"$WORK/gateway-cached.log" 2>&1 & PIDS+=($!)
+COMMERCE__GATEWAY__PORT=$GW_UNCACHED_PORT COMMERCE__PRODUCT__URL="http://127.0.0.1:$UNCACHED_PORT" \
+  "$BIN/gateway" >"$WORK/gateway-uncached.log" 2>&1 & PIDS+=($!)
+wait_for "http://127.0.0.1:$GW_CACHED_PORT/health"
+wait_for "http://127.0.0.1:$GW_UNCACHED_PORT/health"
+
+# One product through the API (so the whole path works), the rest straight into the table.
+GW="http://127.0.0.1:$GW_CACHED_PORT/api/v1"
+TOKEN=$(curl -fs "$GW/auth/register" -H 'content-type: application/json' \
+  -d "{\"email\":\"bench-$RANDOM@example.com\",\"password\":\"correct horse battery staple\",\"name\":\"Bench\",\"role\":\"seller\"}" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+FIRST=$(curl -fs "$GW/products" -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+  -d '{"name":"Cast-iron teapot","description":"Holds 1.2 litres. Enamelled inside.","price_cents":4599,"currency":"EUR","initial_stock":10}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+psql_ns -d "${NS}_product" -c "
+  INSERT INTO products (id, seller_id, name, description, price_cents, currency, initial_stock)
+  SELECT gen_random_uuid(), gen_random_uuid(), 'Product ' || n,
+         'A description of product ' || n || ', long enough to look like one. ' || repeat('Lorem ipsum dolor sit amet. ', 8),
+         100 + n, 'EUR', 5
+  FROM generate_series(2, $PRODUCTS) AS n" >/dev/null
+psql_ns -d "${NS}_product" -c "ANALYZE products" >/dev/null
+{
+  echo "local ids = {"
+  psql_ns -d "${NS}_product" -c "SELECT '\"' || id || '\",' FROM products ORDER BY random() LIMIT $HOT"
+  echo "}"
+  cat <<'EOF'
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/api/v1/products/" .. ids[math.random(#ids)])
+end
+EOF
+} >"$WORK/ids.lua"
+
+# wrk's report as: requests/s, p50 ms, p99 ms, non-2xx responses, socket errors.
+cat >"$WORK/parse.py" <<'EOF'
+import re, sys
+text = sys.stdin.read()
+def ms(label):
+    m = re.search(r"^\s+" + label + r"%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+errors = re.search(r"Socket errors: (.*)", text)
+error_text = errors.group(1).replace(" ", "_") if errors else "none"
+print("%.0f %.2f %.2f %s %s" % (rps, ms("50"), ms("99"), bad.group(1) if bad else 0, error_text))
+EOF
+run() {
+  local url=$1
+  wrk -t2 -c"$CONNECTIONS" -d3s -s "$WORK/ids.lua" "$url" >/dev/null   # warm-up (fills the cache)
+  wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency -s "$WORK/ids.lua" "$url" | python3 "$WORK/parse.py"
+}
+
+CACHED_URL="http://127.0.0.1:$GW_CACHED_PORT"
+UNCACHED_URL="http://127.0.0.1:$GW_UNCACHED_PORT"
+DIRECT_CACHED_URL="http://127.0.0.1:$CACHED_PORT"
+DIRECT_UNCACHED_URL="http://127.0.0.1:$UNCACHED_PORT"
+echo "bench-catalog: $CONNECTIONS connections, $ROUNDS rounds of ${SECONDS_PER_RUN} s, $HOT of $PRODUCTS products, $(nproc) cores" >&2
+: >"$WORK/max.txt"
+for round in $(seq 1 "$ROUNDS"); do
+  for target in cached uncached direct_cached direct_uncached; do
+    url_var="${target^^}_URL"
+    echo "$target $(run "${!url_var}")" >>"$WORK/max.txt"
+  done
+  echo "bench-catalog: round $round done" >&2
+done
+
+# Latency at one fixed rate through both gateways: 60% of the cache-off median.
+RATE=$(python3 - "$WORK/max.txt" "$CONNECTIONS" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+uncached = statistics.median(float(r[1]) for r in rows if r[0] == "uncached")
+print(max(1, int(uncached * 0.6 / int(sys.argv[2]))))
+EOF
+)
+cat >"$WORK/hey.py" <<'EOF'
+import re, sys
+text = sys.stdin.read()
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+def pct(p):
+    return float(re.search(r"\s%d%% in ([\d.]+) secs" % p, text).group(1)) * 1000
+codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", text))
+bad = sum(int(n) for c, n in codes.items() if not c.startswith("2"))
+print("%.0f %.2f %.2f %d" % (rps, pct(50), pct(99), bad))
+EOF
+: >"$WORK/fixed.txt"
+for target in cached uncached; do
+  url_var="${target^^}_URL"
+  url="${!url_var}/api/v1/products/$FIRST"
+  hey -z 3s -c "$CONNECTIONS" -q "$RATE" "$url" >/dev/null
+  echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "$url" | python3 "$WORK/hey.py")" >>"$WORK/fixed.txt"
+done
+
+counter() {
+  curl -fs "$DIRECT_CACHED_URL/metrics" | python3 -c '
+import sys
+name = sys.argv[1]
+print(int(sum(float(l.rsplit(" ", 1)[1]) for l in sys.stdin
+              if l.startswith(name + "{") and "cache=\"product\"" in l)))' "$1"
+}
+HITS=$(counter cache_hits_total); MISSES=$(counter cache_misses_total)
+
+python3 - "$WORK/max.txt" "$WORK/fixed.txt" "$CONNECTIONS" "$ROUNDS" "$RATE" "$HITS" "$MISSES" <<'EOF'
+import statistics, sys
+max_file, fixed_file, conns, rounds, rate, hits, misses = sys.argv[1:8]
+rows = [l.split() for l in open(max_file)]
+fixed = {r[0]: r[1:] for r in (l.split() for l in open(fixed_file))}
+names = {
+    "cached": "through the gateway, cache on (warm)",
+    "uncached": "through the gateway, cache off (PostgreSQL every read)",
+    "direct_cached": "straight to product-svc, cache on (warm)",
+    "direct_uncached": "straight to product-svc, cache off",
+}
+med = {}
+for target in names:
+    mine = [r for r in rows if r[0] == target]
+    med[target] = [statistics.median(float(r[i]) for r in mine) for i in (1, 2, 3)]
+    med[target].append(sum(int(r[4]) for r in mine))
+total_rate = int(rate) * int(conns)
+print(f"| GET /api/v1/products/{{id}}, {conns} connections | max requests/s (median of {rounds}) | p50 ms | p99 ms | at {total_rate} requests/s: p50 ms | p99 ms | non-2xx |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for target, label in names.items():
+    rps, p50, p99, bad = med[target]
+    if target in fixed:
+        _, f50, f99, fbad = fixed[target]
+        print(f"| {label} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {float(f50):.2f} | {float(f99):.2f} | {bad + int(fbad)} |")
+    else:
+        print(f"| {label} | {rps:.0f} | {p50:.2f} | {p99:.2f} | | | {bad} |")
+print()
+hits, misses = int(hits), int(misses)
+ratio = med["cached"][0] / med["uncached"][0]
+print(f"through the gateway, cache on / cache off: {ratio:.2f}x the throughput; "
+      f"product cache hit ratio over the run: {hits / max(1, hits + misses):.4f} ({hits} hits, {misses} misses)")
+EOF
