@@ -92,6 +92,7 @@ const ROUTES: &[(&str, Upstream)] = &[
     ("/api/v1/inventory/{*rest}", Upstream::Inventory),
     ("/api/v1/orders", Upstream::Order),
     ("/api/v1/orders/{*rest}", Upstream::Order),
+    ("/api/v1/payments/{*rest}", Upstream::Payment),
     ("/api/v1/admin/users", Upstream::User),
     ("/api/v1/admin/notifications", Upstream::Notification),
 ];

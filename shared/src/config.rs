@@ -26,6 +26,9 @@ pub struct Settings {
     pub files: FileSettings,
     pub reservations: ReservationSettings,
     pub cache: CacheSettings,
+    pub stripe: StripeSettings,
+    pub smtp: SmtpSettings,
+    pub payments: PaymentSettings,
     pub gateway: GatewaySettings,
     pub user: ServiceSettings,
     pub product: ServiceSettings,
@@ -52,6 +55,9 @@ impl Default for Settings {
             files: FileSettings::default(),
             reservations: ReservationSettings::default(),
             cache: CacheSettings::default(),
+            stripe: StripeSettings::default(),
+            smtp: SmtpSettings::default(),
+            payments: PaymentSettings::default(),
             gateway: GatewaySettings::default(),
             user: ServiceSettings::port(8081),
             product: ServiceSettings::port(8082),
@@ -242,6 +248,61 @@ impl Default for CacheSettings {
             enabled: true,
             product_ttl_secs: 300,
             list_ttl_secs: 60,
+        }
+    }
+}
+
+/// Stripe (payment-svc). Without a secret key the simulated provider is used.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct StripeSettings {
+    pub secret_key: Option<SecretString>,
+    /// Base URL of the Stripe API (e.g. a local fake in tests); unset: Stripe's own.
+    pub api_base: Option<String>,
+    /// Verifies the signature of webhook calls; unset: the webhook route refuses them.
+    pub webhook_secret: Option<SecretString>,
+}
+
+/// Outgoing mail (notification-svc).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct SmtpSettings {
+    /// `smtp://`, `smtps://` or `smtp://…?tls=required` URL with optional credentials;
+    /// unset: each mail is written as an .eml file under `dir`.
+    pub url: Option<SecretString>,
+    /// The From address of every mail.
+    pub from: String,
+    /// Where .eml files go when no SMTP URL is set.
+    pub dir: PathBuf,
+    /// When set, mail templates are read from here (one file per template), so wording
+    /// changes without a rebuild; unset: the built-in ones.
+    pub templates_dir: Option<PathBuf>,
+}
+
+impl Default for SmtpSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            from: "Commerce <no-reply@commerce.localhost>".into(),
+            dir: PathBuf::from("./var/mail"),
+            templates_dir: None,
+        }
+    }
+}
+
+/// Payment timing (payment-svc).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct PaymentSettings {
+    /// Timeout of one call to the payment provider; a timeout is retried like any
+    /// transient failure, with the same idempotency key.
+    pub provider_timeout_ms: u64,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        Self {
+            provider_timeout_ms: 10_000,
         }
     }
 }

@@ -3,6 +3,8 @@
 //! observer; and a TCP proxy that can cut a service off from the broker.
 
 mod proxy;
+pub mod smtp;
+pub mod stripe;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -57,6 +59,7 @@ impl TestEnv {
         settings.messaging.retry_delays_ms = vec![50, 100, 200];
         settings.messaging.outbox_poll_interval_ms = 200;
         settings.files.dir = std::env::temp_dir().join(format!("commerce-{namespace}-files"));
+        settings.smtp.dir = std::env::temp_dir().join(format!("commerce-{namespace}-mail"));
         settings.gateway.port = 0;
         for service in [
             &mut settings.user,
@@ -141,6 +144,7 @@ impl Drop for TestEnv {
         let namespace = self.namespace.clone();
         let settings = self.settings.clone();
         let _ = std::fs::remove_dir_all(&settings.files.dir);
+        let _ = std::fs::remove_dir_all(&settings.smtp.dir);
         // Own thread and runtime: this also runs while a failed test unwinds.
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()

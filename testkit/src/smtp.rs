@@ -1,0 +1,1 @@
+//! A local SMTP server for tests: receives real SMTP and keeps each message.

@@ -1,0 +1,1 @@
+//! A Stripe-compatible HTTP server for tests (the routes async-stripe calls).
