@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 
+use e2e::upload::{file_part, multipart, multipart_type, png};
 use e2e::{Stack, StackOptions, Svc};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -534,6 +535,82 @@ async fn product_reads_come_from_redis_and_every_change_shows_at_once() {
     let newer = create_product(&stack, &seller, json!({"name": "Mug"})).await;
     let page = list(&stack, "limit=10").await;
     assert_eq!(ids(&page), [newer["id"].as_str().expect("id"), id]);
+}
+
+/// The same path with every service that takes part and no injected events: an owner's
+/// stock adjustment in inventory-svc and an image upload to file-svc reach the cached
+/// product, and the next read after each is handled shows it.
+#[tokio::test]
+async fn adjustments_and_uploads_from_the_other_services_show_on_the_cached_product() {
+    let stack = catalog(&[Svc::Product, Svc::Inventory, Svc::File]).await;
+    let (seller, _) = stack.account("sam", "seller").await;
+    let product = create_product(&stack, &seller, json!({"initial_stock": 10})).await;
+    let id = product["id"].as_str().expect("id");
+    wait_available(&stack, id, 10).await;
+
+    get_product(&stack, id).await;
+    let hits = cache_hits(&stack, "product").await;
+    assert_eq!(available(&stack, id).await, 10);
+    assert_eq!(
+        cache_hits(&stack, "product").await,
+        hits + 1,
+        "served from Redis"
+    );
+
+    let stock_events = handled(&stack, "stock_replica").await;
+    let (status, stock) = send(
+        stack
+            .api(Method::POST, &format!("/inventory/{id}/adjust"))
+            .bearer_auth(&seller)
+            .json(&json!({"delta": -3, "reason": "two broke in the warehouse, one lost"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{stock}");
+    assert_eq!(stock["available"], 7, "{stock}");
+    wait_handled(&stack, "stock_replica", stock_events + 1).await;
+    assert_eq!(
+        available(&stack, id).await,
+        7,
+        "the first read after the event"
+    );
+
+    // file-svc learns the product's owner from product.created; until then it says 404.
+    let image_events = handled(&stack, "image_replica").await;
+    let upload = eventually("file-svc to accept the owner's upload", || async {
+        let response = stack
+            .api(Method::POST, &format!("/products/{id}/images"))
+            .bearer_auth(&seller)
+            .header("content-type", multipart_type())
+            .body(multipart(&[file_part(
+                "teapot.png",
+                "image/png",
+                &png(640, 480),
+            )]))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == StatusCode::CREATED).then_some(response)
+    })
+    .await;
+    let uploaded: Value = upload.json().await.expect("upload body");
+    wait_handled(&stack, "image_replica", image_events + 1).await;
+    let (_, read) = get_product(&stack, id).await;
+    let images = read["images"].as_array().expect("images");
+    assert_eq!(images.len(), 1, "{read}");
+    assert_eq!(images[0]["id"], uploaded["id"]);
+    let thumbnail_url = images[0]["thumbnail_url"].as_str().expect("thumbnail url");
+    let thumbnail = stack
+        .client
+        .get(format!("{}{thumbnail_url}", stack.gateway()))
+        .send()
+        .await
+        .expect("thumbnail");
+    assert_eq!(thumbnail.status(), StatusCode::OK);
+    assert_eq!(thumbnail.headers()["content-type"], "image/png");
+    let bytes = thumbnail.bytes().await.expect("thumbnail bytes");
+    let decoded = file_svc::image::load_from_memory(&bytes).expect("a thumbnail that decodes");
+    assert!(decoded.width() <= stack.settings.files.thumbnail_size);
+    assert!(decoded.width() < 640, "smaller than the original");
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::io::Cursor;
 use std::path::Path;
 use std::time::Duration;
 
+use e2e::upload::{Part, encode, file_part, multipart, multipart_type, png};
 use e2e::{PASSWORD, Stack, StackOptions, Svc};
 use file_svc::image::{self, DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
 use futures_util::future::BoxFuture;
@@ -20,27 +21,6 @@ use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------
 // Images made in memory
-
-fn encode(image: DynamicImage, format: ImageFormat) -> Vec<u8> {
-    let mut out = Cursor::new(Vec::new());
-    image.write_to(&mut out, format).expect("encode");
-    out.into_inner()
-}
-
-/// A PNG with a transparent corner, so its thumbnail stays PNG.
-fn png(width: u32, height: u32) -> Vec<u8> {
-    encode(
-        DynamicImage::ImageRgba8(RgbaImage::from_fn(width, height, |x, y| {
-            let alpha = if x < width / 4 && y < height / 4 {
-                0
-            } else {
-                255
-            };
-            Rgba([(x % 256) as u8, (y % 256) as u8, 90, alpha])
-        })),
-        ImageFormat::Png,
-    )
-}
 
 /// An opaque photo-like JPEG.
 fn jpeg(width: u32, height: u32) -> Vec<u8> {
@@ -110,51 +90,6 @@ fn bomb_png(width: u32, height: u32) -> Vec<u8> {
     ));
     png.extend(png_chunk(b"IEND", &[]));
     png
-}
-
-// ---------------------------------------------------------------------------------------
-// Multipart bodies, written by hand so that malformed ones can be sent too
-
-const BOUNDARY: &str = "commerce-test-boundary-7MA4YWxkTrZu0gW";
-
-struct Part<'a> {
-    name: &'a str,
-    file_name: Option<&'a str>,
-    content_type: Option<&'a str>,
-    bytes: &'a [u8],
-}
-
-fn file_part<'a>(file_name: &'a str, content_type: &'a str, bytes: &'a [u8]) -> Part<'a> {
-    Part {
-        name: "file",
-        file_name: Some(file_name),
-        content_type: Some(content_type),
-        bytes,
-    }
-}
-
-fn multipart(parts: &[Part<'_>]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for part in parts {
-        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
-        let mut disposition = format!("Content-Disposition: form-data; name=\"{}\"", part.name);
-        if let Some(file_name) = part.file_name {
-            disposition.push_str(&format!("; filename=\"{file_name}\""));
-        }
-        body.extend_from_slice(format!("{disposition}\r\n").as_bytes());
-        if let Some(content_type) = part.content_type {
-            body.extend_from_slice(format!("Content-Type: {content_type}\r\n").as_bytes());
-        }
-        body.extend_from_slice(b"\r\n");
-        body.extend_from_slice(part.bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
-
-fn multipart_type() -> String {
-    format!("multipart/form-data; boundary={BOUNDARY}")
 }
 
 // ---------------------------------------------------------------------------------------

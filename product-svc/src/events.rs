@@ -117,8 +117,9 @@ impl Handler for Purchases {
 /// could put the old value straight back.
 pub struct InvalidateAfterCommit(pub Cache);
 
+#[async_trait::async_trait]
 impl Observer for InvalidateAfterCommit {
-    fn committed(&self, event: &Envelope) {
+    async fn committed(&self, event: &Envelope) {
         let product = match event.event_type.as_str() {
             StockChanged::TYPE | FileUploaded::TYPE => event
                 .data
@@ -128,8 +129,7 @@ impl Observer for InvalidateAfterCommit {
             _ => None,
         };
         if let Some(product) = product {
-            let cache = self.0.clone();
-            tokio::spawn(async move { cache.invalidate(product).await });
+            self.0.invalidate(product).await;
         }
     }
 }

@@ -76,8 +76,9 @@ impl Arrivals {
     }
 }
 
+#[async_trait::async_trait]
 impl Observer for Arrivals {
-    fn committed(&self, event: &Envelope) {
+    async fn committed(&self, event: &Envelope) {
         let at = Instant::now();
         let ping = event.data_as::<Ping>().map(|p| p.id);
         if let Ok(ping) = ping

@@ -605,7 +605,7 @@ mod tests {
                 ("COMMERCE__NAMESPACE", "staging"),
                 ("COMMERCE__ORDER__PORT", "9083"),
                 ("COMMERCE__MESSAGING__RETRY_DELAYS_MS", "100,200"),
-                ("COMMERCE__POSTGRES__URL", "postgres://app:secret@db:5432"),
+                ("COMMERCE__POSTGRES__URL", "postgres://app:pw-hunter2@db:5432"),
                 ("COMMERCE__ENVIRONMENT", "development"),
             ]),
         )
@@ -616,7 +616,7 @@ mod tests {
         assert_eq!(settings.messaging.retry_delays_ms, [100, 200]);
         assert!(settings.is_development());
         assert!(
-            !format!("{settings:?}").contains("secret"),
+            !format!("{settings:?}").contains("pw-hunter2"),
             "secrets stay out of Debug"
         );
     }

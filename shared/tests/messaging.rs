@@ -833,8 +833,9 @@ async fn a_consumer_killed_before_its_ack_gets_the_message_again_and_handles_it_
 /// Dies right after the handler's commit; not a test by itself.
 struct DieAfterCommit;
 
+#[async_trait::async_trait]
 impl Observer for DieAfterCommit {
-    fn committed(&self, _event: &Envelope) {
+    async fn committed(&self, _event: &Envelope) {
         std::process::abort();
     }
 }

@@ -163,9 +163,12 @@ pub enum Outcome {
 
 /// Sees each message's fate: for measurements, and for tests that must know exactly
 /// when something happened.
+#[async_trait::async_trait]
 pub trait Observer: Send + Sync + 'static {
-    /// After the handler's transaction committed, before the acknowledgement.
-    fn committed(&self, _event: &Envelope) {}
+    /// After the handler's transaction committed, before the acknowledgement: awaited,
+    /// so what it does (say, dropping a cache entry) is done before the message counts
+    /// as handled.
+    async fn committed(&self, _event: &Envelope) {}
 
     /// After the message was settled with the broker.
     fn settled(&self, _message_id: &str, _outcome: Outcome) {}
@@ -439,12 +442,14 @@ impl Consumer {
         let result = tokio::time::timeout(self.handler_timeout, trace.scope(work))
             .instrument(span.clone())
             .await;
+        if let Ok(Ok(Handled::Done)) = &result
+            && let Some(observer) = &self.observer
+        {
+            observer.committed(&envelope).instrument(span.clone()).await;
+        }
         let _enter = span.enter();
         match result {
             Ok(Ok(Handled::Done)) => {
-                if let Some(observer) = &self.observer {
-                    observer.committed(&envelope);
-                }
                 tracing::debug!("handled");
                 Ok((name, Handled::Done))
             }
