@@ -605,7 +605,10 @@ mod tests {
                 ("COMMERCE__NAMESPACE", "staging"),
                 ("COMMERCE__ORDER__PORT", "9083"),
                 ("COMMERCE__MESSAGING__RETRY_DELAYS_MS", "100,200"),
-                ("COMMERCE__POSTGRES__URL", "postgres://app:pw-hunter2@db:5432"),
+                (
+                    "COMMERCE__POSTGRES__URL",
+                    "postgres://app:pw-hunter2@db:5432",
+                ),
                 ("COMMERCE__ENVIRONMENT", "development"),
             ]),
         )
