@@ -9,7 +9,7 @@ TEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help up test fmt lint check infra bench-hop check-broker-restart
+.PHONY: help up test fmt lint check infra bench-hop bench-gateway bench-catalog bench-reservations check-broker-restart
 
 help: ## List the targets
 	@echo "Commerce make targets:"
@@ -46,6 +46,15 @@ check: lint test ## lint + test
 
 bench-hop: infra ## Benchmark one message hop through the broker
 	$(CARGO) bench -p shared --bench one_hop
+
+bench-gateway: infra ## Gateway vs direct vs nginx for a small GET
+	scripts/bench-gateway.sh
+
+bench-catalog: infra ## GET /products/{id} through the gateway, cache warm vs off
+	scripts/bench-catalog.sh
+
+bench-reservations: infra ## Reservations/s: one hot product vs spread over 1,000
+	$(CARGO) bench -p inventory-svc --bench reservations
 
 check-broker-restart: infra ## DISRUPTIVE: restart the real RabbitMQ mid-benchmark; check nothing is lost
 	scripts/broker-restart-check.sh

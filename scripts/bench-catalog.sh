@@ -173,6 +173,8 @@ print(int(sum(float(l.rsplit(" ", 1)[1]) for l in sys.stdin
               if l.startswith(name + "{") and "cache=\"product\"" in l)))' "$1"
 }
 HITS=$(counter cache_hits_total); MISSES=$(counter cache_misses_total)
+peak_mib() { awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+echo "peak RSS: product-svc cache on $(peak_mib "${PIDS[1]}") MiB, cache off $(peak_mib "${PIDS[2]}") MiB, gateway $(peak_mib "${PIDS[3]}") MiB" >&2
 
 python3 - "$WORK/max.txt" "$WORK/fixed.txt" "$CONNECTIONS" "$ROUNDS" "$RATE" "$HITS" "$MISSES" <<'EOF'
 import statistics, sys
