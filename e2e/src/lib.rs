@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use shared::Settings;
 use shared::service::Service;
-use testkit::{TestEnv, eventually};
+use testkit::{TcpProxy, TestEnv, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +43,17 @@ pub enum Svc {
 }
 
 impl Svc {
+    /// Every service the harness can start.
+    pub const ALL: [Self; 7] = [
+        Self::User,
+        Self::Product,
+        Self::Inventory,
+        Self::File,
+        Self::Order,
+        Self::Payment,
+        Self::Notification,
+    ];
+
     fn settings(self, settings: &mut Settings) -> &mut shared::config::ServiceSettings {
         match self {
             Self::User => &mut settings.user,
@@ -88,6 +99,8 @@ pub struct Stack {
     pub user: String,
     pub keys_dir: PathBuf,
     running: Vec<Running>,
+    /// Proxies between services and the broker, for tests that cut them off.
+    broker_links: Vec<(Svc, TcpProxy)>,
     env: TestEnv,
 }
 
@@ -98,6 +111,9 @@ pub struct StackOptions {
     pub gateways: usize,
     /// Changes to the settings before anything starts.
     pub configure: Box<dyn FnOnce(&mut Settings)>,
+    /// These services reach the broker through a proxy the test can cut
+    /// ([`Stack::broker_link`]).
+    pub broker_links: Vec<Svc>,
 }
 
 impl Default for StackOptions {
@@ -106,6 +122,7 @@ impl Default for StackOptions {
             services: Vec::new(),
             gateways: 1,
             configure: Box::new(|_| {}),
+            broker_links: Vec::new(),
         }
     }
 }
@@ -131,11 +148,20 @@ impl Stack {
         settings.auth.keys_dir = keys_dir.clone();
         (options.configure)(&mut settings);
         let mut running = Vec::new();
+        let mut broker_links = Vec::new();
+        for svc in options.broker_links {
+            broker_links.push((svc, TcpProxy::start(env.amqp_address()).await));
+        }
 
         let mut services = vec![Svc::User];
         services.extend(options.services.iter().filter(|s| **s != Svc::User));
         for svc in services {
-            let (service, port) = svc.build(settings.clone()).await;
+            let mut own = settings.clone();
+            if let Some((_, proxy)) = broker_links.iter().find(|(s, _)| *s == svc) {
+                own.amqp.url = env.settings_via(proxy.address()).amqp.url;
+            }
+            // Boxed: the services' start futures are large, and every test awaits this one.
+            let (service, port) = Box::pin(svc.build(own)).await;
             svc.settings(&mut settings).url = Some(format!("http://127.0.0.1:{port}"));
             running.push(Running::spawn(service));
         }
@@ -156,6 +182,7 @@ impl Stack {
             user,
             keys_dir,
             running,
+            broker_links,
             env,
         }
     }
@@ -175,6 +202,15 @@ impl Stack {
             .and_then(|id| id.parse().ok())
             .expect("id");
         (token, id)
+    }
+
+    /// The proxy between `svc` and the broker (named in [`StackOptions::broker_links`]).
+    pub fn broker_link(&self, svc: Svc) -> &TcpProxy {
+        self.broker_links
+            .iter()
+            .find(|(s, _)| *s == svc)
+            .map(|(_, proxy)| proxy)
+            .unwrap_or_else(|| panic!("{svc:?} was not started behind a broker link"))
     }
 
     pub fn namespace(&self) -> &str {

@@ -118,7 +118,11 @@ impl Handler for Welcome {
         };
         let context = json!({"name": user.name, "email": user.email, "roles": roles});
         self.0
-            .deliver(event, vec![mail(&contact, "welcome", context)])
+            .deliver(
+                event,
+                user.user_id,
+                vec![mail(&contact, "welcome", context)],
+            )
             .await
     }
 }
@@ -278,7 +282,7 @@ impl Handler for MailReceipts {
                 },
             );
         }
-        self.0.deliver(event, plans).await
+        self.0.deliver(event, paid.order_id, plans).await
     }
 }
 
@@ -337,7 +341,7 @@ impl Handler for MailCancellation {
                 }
             }
         };
-        self.0.deliver(event, vec![plan]).await
+        self.0.deliver(event, cancelled.order_id, vec![plan]).await
     }
 }
 
@@ -375,6 +379,6 @@ impl Handler for MailReview {
                 )
             }
         };
-        self.0.deliver(event, vec![plan]).await
+        self.0.deliver(event, review.review_id, vec![plan]).await
     }
 }

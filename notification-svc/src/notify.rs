@@ -1,5 +1,7 @@
-//! Sends the mails one event calls for, each at most once per (event, recipient,
-//! template), however often the event is delivered or its handler retried.
+//! Sends the mails one event calls for, each at most once per (fact, recipient,
+//! template), however often the event is delivered, republished under a new id, or its
+//! handler retried. The fact is what the mail is about: the order paid or cancelled, the
+//! user registered, the review.
 //!
 //! One event can mail several people (a receipt and a notice per seller). Each mail sent
 //! is recorded at once in the `notifications` table, in its own short transaction on a
@@ -60,12 +62,19 @@ const RECORD_RETRIES: [Duration; 3] = [
 ];
 
 impl Notifier {
-    /// Sends every planned mail not sent before for this event. Each recipient is tried
-    /// even when another fails; the error then names all that failed. A template or
-    /// address that can never work makes the error permanent (dead-lettered at once, to
-    /// be fixed and replayed); otherwise it is transient (retried).
-    pub async fn deliver(&self, event: &Envelope, plans: Vec<Plan>) -> Result<(), HandlerError> {
-        let sent = self.sent(event.id).await?;
+    /// Sends every planned mail not sent before for `fact` (the order, user or review
+    /// the event is about: a copy of the event under another id finds the mails sent).
+    /// Each recipient is tried even when another fails; the error then names all that
+    /// failed. A template or address that can never work makes the error permanent
+    /// (dead-lettered at once, to be fixed and replayed); otherwise it is transient
+    /// (retried).
+    pub async fn deliver(
+        &self,
+        event: &Envelope,
+        fact: Uuid,
+        plans: Vec<Plan>,
+    ) -> Result<(), HandlerError> {
+        let sent = self.sent(fact).await?;
         let total = plans.len();
         let mut failures: Vec<(Retry, String)> = Vec::new();
         for plan in plans {
@@ -83,11 +92,11 @@ impl Notifier {
                         tracing::info!(
                             template = mail.template,
                             recipient_id = %mail.recipient_id,
-                            "already sent for this event; skipped"
+                            "already sent for this fact; skipped"
                         );
                         continue;
                     }
-                    if let Err(error) = self.send(event, &mail).await {
+                    if let Err(error) = self.send(event, fact, &mail).await {
                         failures.push((
                             error.retry,
                             format!(
@@ -119,17 +128,17 @@ impl Notifier {
         })
     }
 
-    async fn sent(&self, event_id: Uuid) -> Result<HashSet<(Uuid, String)>, HandlerError> {
+    async fn sent(&self, fact: Uuid) -> Result<HashSet<(Uuid, String)>, HandlerError> {
         let rows: Vec<(Uuid, String)> =
-            sqlx::query_as("SELECT recipient_id, template FROM notifications WHERE event_id = $1")
-                .bind(event_id)
+            sqlx::query_as("SELECT recipient_id, template FROM notifications WHERE fact_id = $1")
+                .bind(fact)
                 .fetch_all(&self.log)
                 .await
                 .map_err(HandlerError::transient)?;
         Ok(rows.into_iter().collect())
     }
 
-    async fn send(&self, event: &Envelope, mail: &Mail) -> Result<(), HandlerError> {
+    async fn send(&self, event: &Envelope, fact: Uuid, mail: &Mail) -> Result<(), HandlerError> {
         let template = mail.template;
         let failed = || metrics::counter!("notification_failures_total", "template" => template);
         let rendered = self
@@ -151,7 +160,7 @@ impl Notifier {
         let outgoing = Outgoing {
             to: Mailbox::new(Some(mail.to_name.clone()), address),
             rendered: &rendered,
-            message_id: format!("<{}.{template}.{}@{domain}>", event.id, mail.recipient_id),
+            message_id: format!("<{fact}.{template}.{}@{domain}>", mail.recipient_id),
         };
         let message = self
             .mailer
@@ -167,12 +176,14 @@ impl Notifier {
         let mut pauses = RECORD_RETRIES.iter();
         loop {
             let recorded = sqlx::query(
-                "INSERT INTO notifications (id, event_id, event_type, recipient_id, to_address, \
-                 template, subject, transport, receipt) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                "INSERT INTO notifications (id, event_id, fact_id, event_type, recipient_id, \
+                 to_address, template, subject, transport, receipt) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                  ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING",
             )
             .bind(Uuid::now_v7())
             .bind(event.id)
+            .bind(fact)
             .bind(&event.event_type)
             .bind(mail.recipient_id)
             .bind(&mail.to_email)

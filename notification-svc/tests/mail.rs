@@ -458,6 +458,10 @@ async fn every_event_delivered_twice_still_mails_each_recipient_once() {
     for event in &events {
         world.publish(event).await;
         world.publish(event).await;
+        // The same fact again as a new message (another id): the inbox cannot tell.
+        let mut renewed = event.clone();
+        renewed["id"] = json!(Uuid::now_v7());
+        world.publish(&renewed).await;
     }
     world.settle().await;
 
