@@ -73,6 +73,14 @@ impl Docs {
                 schemas.extend(s.clone());
             }
         }
+        // The dead-letter routes are every service's and the gateway's join of them.
+        let dead_letters = shared::admin::openapi_json();
+        if let Some(Value::Object(p)) = dead_letters.get("paths") {
+            paths.extend(p.clone());
+        }
+        if let Some(Value::Object(s)) = dead_letters.pointer("/components/schemas") {
+            schemas.extend(s.clone());
+        }
         let doc = json!({
             "openapi": "3.1.0",
             "info": {

@@ -2,6 +2,7 @@
 //! held in Redis, routes each path of DESIGN.md §6 to its service, and serves the
 //! OpenAPI document of the whole API.
 
+mod admin;
 mod docs;
 mod proxy;
 mod rate_limit;
@@ -250,7 +251,9 @@ impl Application {
             trusted_proxies,
             body_limit,
         }));
-        let mut router = api_routes(state.clone()).merge(docs::router(state));
+        let mut router = api_routes(state.clone())
+            .merge(admin::router(state.clone()))
+            .merge(docs::router(state));
         if let Some(cors) = cors(&settings.gateway)? {
             router = router.layer(cors);
         }

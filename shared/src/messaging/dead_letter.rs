@@ -15,10 +15,11 @@ use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::Digest as _;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -26,13 +27,32 @@ use super::consumer::body_id;
 use super::outbox::{self, Backoff, OutboxMessage, pause};
 use super::{Broker, Topology, headers};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, sqlx::Type)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum Status {
     Open,
     Replayed,
     Discarded,
+}
+
+impl Status {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "open" => Some(Self::Open),
+            "replayed" => Some(Self::Replayed),
+            "discarded" => Some(Self::Discarded),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Replayed => "replayed",
+            Self::Discarded => "discarded",
+        }
+    }
 }
 
 /// Dead letters that failed the same way.
@@ -130,24 +150,146 @@ const COLUMNS: &str = "id, message_id, event_type, correlation_id, service, hand
     original_exchange, original_routing_key, headers, body, status, dead_lettered_count, \
     replay_count, received_at, updated_at, replayed_at, replayed_by, discarded_at, discarded_by";
 
-/// What to list.
+/// The filter of [`Filter`]: `$1` status, `$2` fingerprint, `$3` event type, `$4` since,
+/// `$5` until, `$6` text as an ILIKE pattern, `$7` text as bytes.
+const WHERE: &str = "($1::text IS NULL OR status = $1) \
+    AND ($2::text IS NULL OR fingerprint = $2) \
+    AND ($3::text IS NULL OR event_type = $3) \
+    AND ($4::timestamptz IS NULL OR last_failed_at >= $4) \
+    AND ($5::timestamptz IS NULL OR last_failed_at < $5) \
+    AND ($6::text IS NULL OR error_message ILIKE $6 OR error_chain ILIKE $6 \
+         OR message_id ILIKE $6 OR coalesce(correlation_id, '') ILIKE $6 \
+         OR position($7::bytea in body) > 0)";
+
+/// What to list. Every field narrows the selection; `None` does not filter.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub status: Option<Status>,
     pub fingerprint: Option<String>,
     pub event_type: Option<String>,
+    /// Last failure at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Last failure before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Found in the error message or chain, the message or correlation id (any case), or
+    /// the body (exact case).
+    pub text: Option<String>,
+    /// Keyset paging: only dead letters after this one in list order, given as its last
+    /// failure time and its key (`<service>:<id>`, see [`DeadLetterStore::key`]).
+    pub after: Option<(DateTime<Utc>, String)>,
     pub limit: Option<i64>,
+}
+
+/// What a replay is asked for.
+#[derive(Clone, Debug)]
+pub enum Selection {
+    Ids(Vec<Uuid>),
+    /// Every open member of the group at the moment of asking.
+    Group(String),
+}
+
+/// What came of a replay request.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplayOutcome {
+    pub audit_id: Uuid,
+    /// The dead letters asked for (for a group: its open members when asked).
+    pub requested: Vec<Uuid>,
+    /// Those that were open and are now queued for replay.
+    pub replayed: Vec<Uuid>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discard {
+    Discarded,
+    AlreadyDiscarded,
+    /// It was replayed; a replay that fails again reopens it.
+    Replayed,
+    NotFound,
+}
+
+/// One replay or discard, as the audit log keeps it.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct AuditEntry {
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    pub operator: String,
+    pub action: String,
+    pub fingerprint: Option<String>,
+    pub requested: Vec<Uuid>,
+    pub affected: Vec<Uuid>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub operator: Option<String>,
+    pub action: Option<String>,
+    /// Keyset paging: entries after this one (time, key), newest first.
+    pub after: Option<(DateTime<Utc>, String)>,
+    pub limit: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Queued {
+    seq: i64,
+    operator: String,
+    #[sqlx(flatten)]
+    letter: DeadLetter,
+}
+
+/// `%text%` for ILIKE, with the pattern characters in `text` taken literally.
+fn like_pattern(text: &str) -> String {
+    let escaped = text
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+type PgQueryAs<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+
+/// Binds `$1`…`$7` of [`WHERE`].
+fn bind_filter<'q, O>(query: PgQueryAs<'q, O>, filter: &Filter) -> PgQueryAs<'q, O> {
+    let text = filter
+        .text
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    query
+        .bind(filter.status)
+        .bind(filter.fingerprint.clone())
+        .bind(filter.event_type.clone())
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(text.map(like_pattern))
+        .bind(text.map(|t| t.as_bytes().to_vec()))
 }
 
 #[derive(Clone, Debug)]
 pub struct DeadLetterStore {
     pool: PgPool,
     topology: Topology,
+    /// Wakes this process's replayer when a replay was asked for here.
+    replays_queued: Arc<Notify>,
 }
 
 impl DeadLetterStore {
     pub fn new(pool: PgPool, topology: Topology) -> Self {
-        Self { pool, topology }
+        Self {
+            pool,
+            topology,
+            replays_queued: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The service whose dead letters these are (short name).
+    pub fn service(&self) -> &str {
+        self.topology.service()
+    }
+
+    /// The id of a dead letter across the whole system: `<service>:<uuid>`, so that the
+    /// gateway knows which service owns it.
+    pub fn key(&self, id: Uuid) -> String {
+        format!("{}:{id}", self.service())
     }
 
     /// Stores one message from the dead-letter queue. A redelivery of the same failure
@@ -201,33 +343,43 @@ impl DeadLetterStore {
 
     /// Open dead letters grouped by fingerprint, largest group first.
     pub async fn groups(&self) -> Result<Vec<Group>, sqlx::Error> {
-        sqlx::query_as(
+        self.groups_matching(&Filter {
+            status: Some(Status::Open),
+            ..Filter::default()
+        })
+        .await
+    }
+
+    /// Dead letters matching `filter` (paging fields aside) grouped by fingerprint,
+    /// largest group first.
+    pub async fn groups_matching(&self, filter: &Filter) -> Result<Vec<Group>, sqlx::Error> {
+        let sql = format!(
             "SELECT fingerprint, service, handler, error_kind, \
                (array_agg(error_message ORDER BY last_failed_at DESC))[1] AS error_message, \
                count(*) AS count, min(first_failed_at) AS first_seen, \
                max(last_failed_at) AS last_seen, \
                array_agg(DISTINCT coalesce(event_type, '-')) AS event_types \
-             FROM dead_letters WHERE status = 'open' \
+             FROM dead_letters WHERE {WHERE} \
              GROUP BY fingerprint, service, handler, error_kind \
-             ORDER BY count(*) DESC, max(last_failed_at) DESC",
-        )
-        .fetch_all(&self.pool)
-        .await
+             ORDER BY count(*) DESC, max(last_failed_at) DESC, fingerprint LIMIT 1000"
+        );
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        bind_filter(query, filter).fetch_all(&self.pool).await
     }
 
     /// Dead letters matching `filter`, most recent failure first.
     pub async fn list(&self, filter: &Filter) -> Result<Vec<DeadLetter>, sqlx::Error> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM dead_letters \
-             WHERE ($1::text IS NULL OR status = $1) \
-               AND ($2::text IS NULL OR fingerprint = $2) \
-               AND ($3::text IS NULL OR event_type = $3) \
-             ORDER BY last_failed_at DESC, id LIMIT $4"
+            "SELECT {COLUMNS} FROM dead_letters WHERE {WHERE} \
+               AND ($8::timestamptz IS NULL \
+                    OR (last_failed_at, $9 || id::text) < ($8, $10)) \
+             ORDER BY last_failed_at DESC, id DESC LIMIT $11"
         );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(filter.status)
-            .bind(&filter.fingerprint)
-            .bind(&filter.event_type)
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        bind_filter(query, filter)
+            .bind(filter.after.as_ref().map(|(at, _)| *at))
+            .bind(format!("{}:", self.service()))
+            .bind(filter.after.as_ref().map(|(_, key)| key.clone()))
             .bind(filter.limit.unwrap_or(100).clamp(1, 1000))
             .fetch_all(&self.pool)
             .await
@@ -241,93 +393,353 @@ impl DeadLetterStore {
             .await
     }
 
-    /// Sends the open dead letters among `ids` back to this service's queue, through the
-    /// outbox, and marks them replayed. Returns how many were replayed.
-    pub async fn replay(&self, ids: &[Uuid], operator: &str) -> Result<u64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let sql = format!(
-            "SELECT {COLUMNS} FROM dead_letters WHERE id = ANY($1) AND status = 'open' \
-             ORDER BY first_failed_at FOR UPDATE"
-        );
-        let rows: Vec<DeadLetter> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(ids)
-            .fetch_all(&mut *tx)
-            .await?;
-        for row in &rows {
-            let mut headers = match &row.headers {
-                Value::Object(map) => map.clone(),
-                _ => Map::new(),
-            };
-            for key in headers::FAILURE_HEADERS {
-                headers.remove(key);
-            }
-            headers.remove("x-delivery-count");
-            headers.insert(
-                headers::ORIGINAL_EXCHANGE.into(),
-                row.original_exchange.clone().into(),
-            );
-            headers.insert(
-                headers::ORIGINAL_ROUTING_KEY.into(),
-                row.original_routing_key.clone().into(),
-            );
-            headers.insert(headers::REPLAY_COUNT.into(), (row.replay_count + 1).into());
-            headers.insert(headers::REPLAYED_BY.into(), operator.into());
-            let message_id = Uuid::parse_str(&row.message_id).unwrap_or_else(|_| Uuid::now_v7());
-            outbox::insert(
-                &mut tx,
-                &OutboxMessage {
-                    message_id,
-                    exchange: String::new(),
-                    routing_key: self.topology.queue(),
-                    event_type: row.event_type.clone().unwrap_or_default(),
-                    correlation_id: row.correlation_id.clone(),
-                    headers,
-                    body: row.body.clone(),
-                },
-            )
-            .await?;
-        }
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-        let replayed = sqlx::query(
-            "UPDATE dead_letters SET status = 'replayed', replay_count = replay_count + 1, \
-             replayed_at = now(), replayed_by = $2, updated_at = now() WHERE id = ANY($1)",
+    /// True while a replay of `id` waits for its turn to be sent.
+    pub async fn replay_pending(&self, id: Uuid) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM dead_letter_replays WHERE dead_letter_id = $1)",
         )
-        .bind(&ids)
-        .bind(operator)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(replayed)
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
     }
 
-    /// Replays a whole group as it stands now; members arriving later are not included.
+    /// Marks the open dead letters of `selection` replayed and queues them, in one
+    /// transaction, with an audit entry. The set is fixed here: dead letters arriving
+    /// later are not part of it. The replayer ([`run_replayer`](Self::run_replayer))
+    /// then sends them at its configured rate.
+    pub async fn request_replay(
+        &self,
+        selection: &Selection,
+        operator: &str,
+    ) -> Result<ReplayOutcome, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = self.queue_replay(&mut tx, selection, operator).await?;
+        tx.commit().await?;
+        if !outcome.replayed.is_empty() {
+            self.replays_queued.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    async fn queue_replay(
+        &self,
+        conn: &mut PgConnection,
+        selection: &Selection,
+        operator: &str,
+    ) -> Result<ReplayOutcome, sqlx::Error> {
+        let (requested, fingerprint) = match selection {
+            Selection::Ids(ids) => (ids.clone(), None),
+            Selection::Group(fingerprint) => {
+                let ids = sqlx::query_scalar(
+                    "SELECT id FROM dead_letters WHERE fingerprint = $1 AND status = 'open' \
+                     ORDER BY first_failed_at, id",
+                )
+                .bind(fingerprint)
+                .fetch_all(&mut *conn)
+                .await?;
+                (ids, Some(fingerprint.clone()))
+            }
+        };
+        let replayed: Vec<Uuid> = sqlx::query_scalar(
+            "WITH chosen AS ( \
+               SELECT id FROM dead_letters WHERE id = ANY($1) AND status = 'open' \
+               ORDER BY first_failed_at, id FOR UPDATE) \
+             UPDATE dead_letters d SET status = 'replayed', \
+               replay_count = d.replay_count + 1, replayed_at = now(), replayed_by = $2, \
+               updated_at = now() \
+             FROM chosen WHERE d.id = chosen.id RETURNING d.id",
+        )
+        .bind(&requested)
+        .bind(operator)
+        .fetch_all(&mut *conn)
+        .await?;
+        // Queued in the order they first failed, so a replay keeps the original order.
+        sqlx::query(
+            "INSERT INTO dead_letter_replays (dead_letter_id, operator) \
+             SELECT d.id, $2 FROM dead_letters d WHERE d.id = ANY($1) \
+             ORDER BY d.first_failed_at, d.id \
+             ON CONFLICT (dead_letter_id) DO NOTHING",
+        )
+        .bind(&replayed)
+        .bind(operator)
+        .execute(&mut *conn)
+        .await?;
+        let audit_id = self
+            .audit_entry(conn, operator, "replay", fingerprint, &requested, &replayed)
+            .await?;
+        Ok(ReplayOutcome {
+            audit_id,
+            requested,
+            replayed,
+        })
+    }
+
+    async fn audit_entry(
+        &self,
+        conn: &mut PgConnection,
+        operator: &str,
+        action: &str,
+        fingerprint: Option<String>,
+        requested: &[Uuid],
+        affected: &[Uuid],
+    ) -> Result<Uuid, sqlx::Error> {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO dead_letter_audit (id, operator, action, fingerprint, requested, \
+             affected) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id)
+        .bind(operator)
+        .bind(action)
+        .bind(fingerprint)
+        .bind(requested)
+        .bind(affected)
+        .execute(conn)
+        .await?;
+        Ok(id)
+    }
+
+    /// Hands up to `limit` queued replays to the outbox, oldest request first; returns
+    /// how many. Replicas share the queue (`SKIP LOCKED`).
+    pub async fn send_queued(&self, limit: i64) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let sent = self.drain(&mut tx, None, limit).await?;
+        tx.commit().await?;
+        Ok(sent)
+    }
+
+    /// Moves queued replays (all, or only those of `only`) into the outbox, addressed to
+    /// this service's own queue, without the failure headers and with the replay count
+    /// and operator set.
+    async fn drain(
+        &self,
+        conn: &mut PgConnection,
+        only: Option<&[Uuid]>,
+        limit: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "SELECT q.seq, q.operator, {COLUMNS} FROM dead_letter_replays q \
+             JOIN dead_letters d ON d.id = q.dead_letter_id \
+             WHERE ($1::uuid[] IS NULL OR q.dead_letter_id = ANY($1)) \
+             ORDER BY q.seq LIMIT $2 FOR UPDATE OF q SKIP LOCKED"
+        );
+        let rows: Vec<Queued> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(only)
+            .bind(limit.max(1))
+            .fetch_all(&mut *conn)
+            .await?;
+        for row in &rows {
+            let message = self.replay_message(&row.letter, &row.operator);
+            outbox::insert(&mut *conn, &message).await?;
+        }
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        sqlx::query("DELETE FROM dead_letter_replays WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .execute(&mut *conn)
+            .await?;
+        let sent = rows.len() as u64;
+        if sent > 0 {
+            metrics::counter!("dead_letters_replayed_total", "service" => self.service().to_owned())
+                .increment(sent);
+        }
+        Ok(sent)
+    }
+
+    fn replay_message(&self, row: &DeadLetter, operator: &str) -> OutboxMessage {
+        let mut headers = match &row.headers {
+            Value::Object(map) => map.clone(),
+            _ => Map::new(),
+        };
+        for key in headers::FAILURE_HEADERS {
+            headers.remove(key);
+        }
+        headers.remove("x-delivery-count");
+        headers.insert(
+            headers::ORIGINAL_EXCHANGE.into(),
+            row.original_exchange.clone().into(),
+        );
+        headers.insert(
+            headers::ORIGINAL_ROUTING_KEY.into(),
+            row.original_routing_key.clone().into(),
+        );
+        // The row's count was raised when the replay was asked for.
+        headers.insert(headers::REPLAY_COUNT.into(), row.replay_count.into());
+        headers.insert(headers::REPLAYED_BY.into(), operator.into());
+        let message_id = Uuid::parse_str(&row.message_id).unwrap_or_else(|_| Uuid::now_v7());
+        OutboxMessage {
+            message_id,
+            exchange: String::new(),
+            routing_key: self.topology.queue(),
+            event_type: row.event_type.clone().unwrap_or_default(),
+            correlation_id: row.correlation_id.clone(),
+            headers,
+            body: row.body.clone(),
+        }
+    }
+
+    /// Sends the open dead letters among `ids` back to this service's queue at once
+    /// (through the outbox, unpaced) and marks them replayed. Returns how many.
+    pub async fn replay(&self, ids: &[Uuid], operator: &str) -> Result<u64, sqlx::Error> {
+        self.replay_now(&Selection::Ids(ids.to_vec()), operator)
+            .await
+    }
+
+    /// Replays a whole group as it stands now, unpaced; members arriving later are not
+    /// included.
     pub async fn replay_group(
         &self,
         fingerprint: &str,
         operator: &str,
     ) -> Result<u64, sqlx::Error> {
-        let ids: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM dead_letters WHERE fingerprint = $1 AND status = 'open'",
-        )
-        .bind(fingerprint)
-        .fetch_all(&self.pool)
-        .await?;
-        self.replay(&ids, operator).await
+        self.replay_now(&Selection::Group(fingerprint.to_owned()), operator)
+            .await
+    }
+
+    async fn replay_now(&self, selection: &Selection, operator: &str) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = self.queue_replay(&mut tx, selection, operator).await?;
+        let count = i64::try_from(outcome.replayed.len()).unwrap_or(i64::MAX);
+        self.drain(&mut tx, Some(&outcome.replayed), count).await?;
+        tx.commit().await?;
+        Ok(outcome.replayed.len() as u64)
     }
 
     /// Marks an open dead letter discarded; false if there was none open with that id.
     pub async fn discard(&self, id: Uuid, operator: &str) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE dead_letters SET status = 'discarded', discarded_at = now(), \
-             discarded_by = $2, updated_at = now() WHERE id = $1 AND status = 'open'",
+        Ok(self.discard_one(id, operator).await? == Discard::Discarded)
+    }
+
+    /// Marks an open dead letter discarded, with an audit entry. It is kept (shown as
+    /// discarded) until [`purge_discarded`](Self::purge_discarded) removes it.
+    pub async fn discard_one(&self, id: Uuid, operator: &str) -> Result<Discard, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<Status> =
+            sqlx::query_scalar("SELECT status FROM dead_letters WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let outcome = match status {
+            None => Discard::NotFound,
+            Some(Status::Discarded) => Discard::AlreadyDiscarded,
+            Some(Status::Replayed) => Discard::Replayed,
+            Some(Status::Open) => {
+                sqlx::query(
+                    "UPDATE dead_letters SET status = 'discarded', discarded_at = now(), \
+                     discarded_by = $2, updated_at = now() WHERE id = $1",
+                )
+                .bind(id)
+                .bind(operator)
+                .execute(&mut *tx)
+                .await?;
+                self.audit_entry(&mut tx, operator, "discard", None, &[id], &[id])
+                    .await?;
+                Discard::Discarded
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Deletes dead letters discarded longer than `retention` ago; returns how many.
+    pub async fn purge_discarded(&self, retention: Duration) -> Result<u64, sqlx::Error> {
+        let seconds = retention.as_secs_f64();
+        let purged = sqlx::query(
+            "DELETE FROM dead_letters WHERE status = 'discarded' \
+             AND discarded_at < now() - make_interval(secs => $1)",
         )
-        .bind(id)
-        .bind(operator)
+        .bind(seconds)
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(done == 1)
+        Ok(purged)
+    }
+
+    /// The audit log, newest first.
+    pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, at, operator, action, fingerprint, requested, affected \
+             FROM dead_letter_audit \
+             WHERE ($1::text IS NULL OR operator = $1) \
+               AND ($2::text IS NULL OR action = $2) \
+               AND ($3::timestamptz IS NULL OR (at, $4 || id::text) < ($3, $5)) \
+             ORDER BY at DESC, id DESC LIMIT $6",
+        )
+        .bind(&filter.operator)
+        .bind(&filter.action)
+        .bind(filter.after.as_ref().map(|(at, _)| *at))
+        .bind(format!("{}:", self.service()))
+        .bind(filter.after.as_ref().map(|(_, key)| key.clone()))
+        .bind(filter.limit.unwrap_or(50).clamp(1, 1000))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Sends queued replays at `rate_per_sec` at most, until `shutdown`. Wakes when a
+    /// replay is asked for through this store, and every `poll` for those asked through
+    /// another replica.
+    pub async fn run_replayer(
+        self: Arc<Self>,
+        rate_per_sec: f64,
+        poll: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let rate = rate_per_sec.max(0.1);
+        // A tenth of a second's worth at a time keeps the pace even.
+        let burst = (rate / 10.0).ceil().max(1.0);
+        let mut tokens = burst;
+        let mut last = tokio::time::Instant::now();
+        let mut backoff = Backoff::new();
+        while !shutdown.is_cancelled() {
+            let now = tokio::time::Instant::now();
+            tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(burst);
+            last = now;
+            if tokens < 1.0 {
+                let wait = Duration::from_secs_f64((1.0 - tokens) / rate);
+                if pause(wait, &shutdown).await {
+                    break;
+                }
+                continue;
+            }
+            match self.send_queued(tokens.floor() as i64).await {
+                Ok(0) => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = self.replays_queued.notified() => {}
+                        () = tokio::time::sleep(poll) => {}
+                    }
+                }
+                Ok(sent) => {
+                    backoff = Backoff::new();
+                    tokens -= sent as f64;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not send queued replays; trying again");
+                    if pause(backoff.next_delay(), &shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Purges discarded dead letters older than `retention`, now and then every `every`,
+    /// until `shutdown`.
+    pub async fn run_purger(
+        self: Arc<Self>,
+        retention: Duration,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            match self.purge_discarded(retention).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "purged discarded dead letters"),
+                Err(error) => tracing::warn!(%error, "could not purge discarded dead letters"),
+            }
+            if pause(every, &shutdown).await {
+                break;
+            }
+        }
     }
 
     /// Moves the dead-letter queue into the table until `shutdown`.
