@@ -8,6 +8,7 @@
 pub mod domain;
 mod handlers;
 pub mod orders;
+mod pending;
 pub mod products;
 mod routes;
 
@@ -55,6 +56,7 @@ impl Application {
         };
         let work = Work {
             handlers: handlers::all(&infra.outbox),
+            background: vec![pending::watcher(state.pool.clone())],
             ..Work::default()
         };
         let service =

@@ -122,6 +122,7 @@ pub async fn place(
     drop(conn);
 
     let order_id = Uuid::now_v7();
+    shared::telemetry::record_correlation_id(order_id);
     let mut tx = pool.begin().await?;
     // Claims the key. A concurrent request holding it makes this wait for its commit,
     // then do nothing; if it rolls back, this one claims it.
@@ -568,6 +569,7 @@ pub async fn cancel(
     order_id: Uuid,
     by: &Canceller,
 ) -> Result<OrderView, ApiError> {
+    shared::telemetry::record_correlation_id(order_id);
     let mut tx = pool.begin().await?;
     let order = lock(&mut tx, order_id)
         .await?

@@ -153,6 +153,16 @@ impl Cache {
     /// `pool` is the service's Redis; `None` or `settings.cache.enabled = false` turns
     /// the cache off: every read goes to PostgreSQL.
     pub fn new(settings: &shared::Settings, pool: Option<deadpool_redis::Pool>) -> Self {
+        // Zero from the start, so a hit ratio has its series before the first read.
+        for kind in [Kind::Product, Kind::List] {
+            for name in [
+                "cache_hits_total",
+                "cache_misses_total",
+                "cache_loads_total",
+            ] {
+                metrics::counter!(name, "service" => SERVICE, "cache" => kind.label()).increment(0);
+            }
+        }
         let cache = &settings.cache;
         let product_ttl_ms = cache.product_ttl_secs.max(1) * 1000;
         Self(Arc::new(Inner {

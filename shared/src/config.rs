@@ -29,6 +29,7 @@ pub struct Settings {
     pub stripe: StripeSettings,
     pub smtp: SmtpSettings,
     pub payments: PaymentSettings,
+    pub dead_letters: DeadLetterSettings,
     pub gateway: GatewaySettings,
     pub user: ServiceSettings,
     pub product: ServiceSettings,
@@ -58,6 +59,7 @@ impl Default for Settings {
             stripe: StripeSettings::default(),
             smtp: SmtpSettings::default(),
             payments: PaymentSettings::default(),
+            dead_letters: DeadLetterSettings::default(),
             gateway: GatewaySettings::default(),
             user: ServiceSettings::port(8081),
             product: ServiceSettings::port(8082),
@@ -303,6 +305,26 @@ impl Default for PaymentSettings {
     fn default() -> Self {
         Self {
             provider_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Dead-letter administration (every service with a database).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct DeadLetterSettings {
+    /// A discarded dead letter is kept (shown as discarded) this long, then purged.
+    pub retention_days: u32,
+    /// Replayed messages sent per second at most, per service instance, so replaying a
+    /// large group does not flood the service.
+    pub replay_rate_per_sec: f64,
+}
+
+impl Default for DeadLetterSettings {
+    fn default() -> Self {
+        Self {
+            retention_days: 30,
+            replay_rate_per_sec: 50.0,
         }
     }
 }
@@ -562,6 +584,10 @@ impl Settings {
         anyhow::ensure!(
             self.messaging.outbox_batch_size > 0,
             "COMMERCE__MESSAGING__OUTBOX_BATCH_SIZE must be positive"
+        );
+        anyhow::ensure!(
+            self.dead_letters.replay_rate_per_sec > 0.0,
+            "COMMERCE__DEAD_LETTERS__REPLAY_RATE_PER_SEC must be positive"
         );
         Ok(())
     }

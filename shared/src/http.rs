@@ -226,12 +226,16 @@ async fn request_context(State(common): State<Arc<Common>>, req: Request, next: 
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().clone();
+    // `correlation_id` is filled in by a handler that knows the saga (order-svc's POST
+    // /orders), so one id finds the request and every event it caused.
     let span = tracing::info_span!(
         "http",
+        service = %service,
         %method,
         route = %route,
         request_id = %request_id,
         trace_id = %trace.trace_id(),
+        correlation_id = tracing::field::Empty,
     );
     let traceparent = trace.traceparent();
     let declared = req
@@ -625,6 +629,38 @@ mod tests {
         let (status, headers, body) = call(request).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert_problem(&headers, &body, 405);
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_by_route_template_not_by_path() {
+        crate::metrics::handle();
+        let routes = Router::new().route("/things/{id}", get(|| async { StatusCode::NO_CONTENT }));
+        let app = with_common_layers(
+            routes,
+            "http-metrics-unit",
+            &crate::config::HttpSettings::default(),
+        );
+        let id = Uuid::now_v7();
+        for path in [format!("/things/{id}"), format!("/nowhere/{id}")] {
+            let request = Request::get(path).body(Body::empty()).expect("request");
+            app.clone().oneshot(request).await.expect("infallible");
+        }
+        let text = crate::metrics::render();
+        let labels =
+            r#"{service="http-metrics-unit",method="GET",route="/things/{id}",status="204"}"#;
+        assert!(
+            text.contains(&format!("http_requests_total{labels} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("http_request_duration_seconds_count{labels} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"http_requests_total{service="http-metrics-unit",method="GET",route="unmatched",status="404"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(&id.to_string()), "{text}");
     }
 
     #[tokio::test]

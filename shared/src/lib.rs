@@ -2,6 +2,7 @@
 //! domain: settings, telemetry, HTTP conventions, database bootstrap, and the messaging
 //! kernel (outbox, consumer runner, retries, dead letters).
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod db;

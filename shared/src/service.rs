@@ -150,6 +150,14 @@ impl Service {
                 settings.messaging.outbox_batch_size,
             );
             relay = Some(tokio::spawn(relay_task.run(relay_stop.clone())));
+            crate::metrics::register_handlers(infra.name, work.handlers.iter().map(|h| h.name()));
+            workers.spawn(crate::metrics::watch(
+                pool.clone(),
+                broker.clone(),
+                infra.topology.clone(),
+                !work.handlers.is_empty(),
+                shutdown.child_token(),
+            ));
 
             if !work.handlers.is_empty() {
                 let mut consumer = Consumer::new(
@@ -184,7 +192,12 @@ impl Service {
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("binding {}:{port}", settings.http.host))?;
-        let port = listener.local_addr()?.port();
+        let address = listener.local_addr()?;
+        let port = address.port();
+        let router = match &infra.pool {
+            Some(_) => router.merge(dead_letter_admin(&infra, address, &workers, &shutdown)?),
+            None => router,
+        };
         let router = http::with_common_layers(
             http::probe_routes(infra.name, checks).merge(router),
             infra.name,
@@ -247,6 +260,43 @@ impl Service {
         tracing::info!(service = self.infra.name, "stopped");
         served.context("serving HTTP")
     }
+}
+
+/// The dead-letter admin routes of a service with a database, and the tasks behind
+/// them: the paced replayer and the purge of discarded dead letters.
+fn dead_letter_admin(
+    infra: &Infra,
+    address: std::net::SocketAddr,
+    workers: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Router> {
+    let settings = &infra.settings;
+    let store = infra.dead_letters()?;
+    workers.spawn(Arc::new(store.clone()).run_replayer(
+        settings.dead_letters.replay_rate_per_sec,
+        Duration::from_millis(settings.messaging.outbox_poll_interval_ms),
+        shutdown.child_token(),
+    ));
+    workers.spawn(Arc::new(store.clone()).run_purger(
+        Duration::from_secs(u64::from(settings.dead_letters.retention_days) * 86_400),
+        Duration::from_secs(3_600),
+        shutdown.child_token(),
+    ));
+    let mut verifier_settings = settings.clone();
+    // user-svc issues the tokens: it checks them against its own key set, wherever it
+    // listens (in tests its port is only known now).
+    if infra.name == "user" && verifier_settings.auth.jwks_url.is_none() {
+        let ip = match address.ip() {
+            ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+            ip => ip,
+        };
+        let own = std::net::SocketAddr::new(ip, address.port());
+        verifier_settings.auth.jwks_url = Some(format!("http://{own}/.well-known/jwks.json"));
+    }
+    Ok(crate::admin::router(
+        store,
+        crate::auth::Verifier::remote(&verifier_settings),
+    ))
 }
 
 async fn os_signal() {

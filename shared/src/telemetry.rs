@@ -17,15 +17,7 @@ pub fn init(settings: &Settings) {
     };
     let registry = tracing_subscriber::registry().with(filter);
     let result = if json {
-        registry
-            .with(
-                tfmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false),
-            )
-            .try_init()
+        registry.with(json_layer(std::io::stdout)).try_init()
     } else {
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
         registry
@@ -34,6 +26,42 @@ pub fn init(settings: &Settings) {
     };
     // Already installed: keep the first one.
     drop(result);
+}
+
+/// The production log format: one JSON object per line, the event's fields at the top
+/// level and the current span's fields under `span` (an HTTP request's `request_id`, a
+/// consumed message's `correlation_id`, `event_type`, `event_id`). Tests use it with their
+/// own writer to check what operators will grep for.
+pub fn json_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tfmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tfmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_writer(writer)
+}
+
+/// Installs the production JSON format writing to `writer` (a test capturing the logs
+/// operators would read). False when a subscriber was already installed.
+pub fn init_json_with_writer<W>(filter: &str, writer: W) -> bool
+where
+    W: for<'w> tfmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::registry()
+        .with(EnvFilter::new(filter))
+        .with(json_layer(writer))
+        .try_init()
+        .is_ok()
+}
+
+/// Names the saga (the order id) a request works on, on the request's log span, so
+/// `correlation_id=<order id>` finds the request as well as every event it caused.
+pub fn record_correlation_id(id: impl std::fmt::Display) {
+    tracing::Span::current().record("correlation_id", tracing::field::display(id));
 }
 
 /// Installs a test subscriber writing to the test harness, only when `TEST_LOG` is set.

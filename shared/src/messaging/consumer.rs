@@ -322,6 +322,33 @@ impl Consumer {
     async fn process(&self, delivery: Delivery, publisher: &Channel) {
         let started = Instant::now();
         let service = self.topology.service().to_owned();
+        // One span for everything about this message, its retry or dead-lettering
+        // included: taken from the AMQP properties, so a body that does not parse is
+        // found by its correlation id too. `handle` fills in the rest.
+        let props = &delivery.properties;
+        let span = tracing::info_span!(
+            "handle",
+            service = %service,
+            handler = tracing::field::Empty,
+            event_type = props.kind().as_ref().map_or("-", |k| k.as_str()),
+            event_id = %message_id(&delivery),
+            correlation_id = props.correlation_id().as_ref().map_or("-", |c| c.as_str()),
+            trace_id = tracing::field::Empty,
+            request_id = tracing::field::Empty,
+        );
+        self.settle(delivery, publisher, &service, started)
+            .instrument(span)
+            .await;
+    }
+
+    async fn settle(
+        &self,
+        delivery: Delivery,
+        publisher: &Channel,
+        service: &str,
+        started: Instant,
+    ) {
+        let service = service.to_owned();
         let (handler, outcome, settled) = match self.handle(&delivery).await {
             Ok((name, handled)) => {
                 let outcome = match handled {
@@ -411,15 +438,10 @@ impl Consumer {
             .map(|parent| parent.child())
             .unwrap_or_else(TraceContext::new_root)
             .with_request_id(headers::get_str(&props_headers, headers::REQUEST_ID));
-        let span = tracing::info_span!(
-            "handle",
-            handler = name,
-            event_type = %envelope.event_type,
-            event_id = %envelope.id,
-            correlation_id = %envelope.correlation_id,
-            trace_id = %trace.trace_id(),
-            request_id = trace.request_id.as_deref().unwrap_or("-"),
-        );
+        let span = tracing::Span::current();
+        span.record("handler", name);
+        span.record("trace_id", tracing::field::display(trace.trace_id()));
+        span.record("request_id", trace.request_id.as_deref().unwrap_or("-"));
 
         let work = async {
             let mut tx = self.pool.begin().await?;
@@ -439,15 +461,12 @@ impl Consumer {
             tx.commit().await?;
             Ok::<_, HandlerError>(Handled::Done)
         };
-        let result = tokio::time::timeout(self.handler_timeout, trace.scope(work))
-            .instrument(span.clone())
-            .await;
+        let result = tokio::time::timeout(self.handler_timeout, trace.scope(work)).await;
         if let Ok(Ok(Handled::Done)) = &result
             && let Some(observer) = &self.observer
         {
-            observer.committed(&envelope).instrument(span.clone()).await;
+            observer.committed(&envelope).await;
         }
-        let _enter = span.enter();
         match result {
             Ok(Ok(Handled::Done)) => {
                 tracing::debug!("handled");

@@ -226,7 +226,11 @@ impl Relay {
         let mut listener = None;
         let mut channel = None;
         let mut backoff = Backoff::new();
-        let mut last_gauge: Option<Instant> = None;
+        // The backlog gauges are there from the start, and kept current while the broker
+        // is down too: that is when they matter.
+        self.record_backlog().await;
+        metrics::counter!("outbox_published_total", "service" => self.service.clone()).increment(0);
+        let mut last_gauge = Instant::now();
         loop {
             if listener.is_none() {
                 listener = self.listen().await;
@@ -235,7 +239,12 @@ impl Relay {
                 // Wake-ups already queued are answered by the pass that follows.
                 while l.next_buffered().is_some() {}
             }
-            match self.drain(&mut channel).await {
+            let drained = self.drain(&mut channel).await;
+            if last_gauge.elapsed() >= self.poll_interval {
+                self.record_backlog().await;
+                last_gauge = Instant::now();
+            }
+            match drained {
                 Ok(()) => backoff.reset(),
                 Err(error) => {
                     channel = None;
@@ -245,10 +254,6 @@ impl Relay {
                     }
                     continue;
                 }
-            }
-            if last_gauge.is_none_or(|at| at.elapsed() >= self.poll_interval) {
-                self.record_backlog().await;
-                last_gauge = Some(Instant::now());
             }
             let woken = async {
                 match listener.as_mut() {
@@ -395,11 +400,12 @@ impl Relay {
         )
         .fetch_one(&self.pool)
         .await;
+        // On a database error the gauges keep their last value; /ready reports the database.
         if let Ok((backlog, oldest)) = row {
             metrics::gauge!("outbox_backlog", "service" => self.service.clone())
                 .set(backlog as f64);
             metrics::gauge!("outbox_oldest_age_seconds", "service" => self.service.clone())
-                .set(oldest.unwrap_or(0.0));
+                .set(oldest.unwrap_or(0.0).max(0.0));
         }
     }
 }
