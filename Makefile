@@ -9,7 +9,7 @@ TEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help up test fmt lint check infra bench-hop bench-gateway bench-catalog bench-reservations check-broker-restart
+.PHONY: help up test fmt lint check infra bench bench-hop bench-gateway bench-catalog bench-reservations check-broker-restart
 
 help: ## List the targets
 	@echo "Commerce make targets:"
@@ -44,6 +44,9 @@ lint: ## Check formatting and run clippy (warnings are errors)
 
 check: lint test ## lint + test
 
+bench: ## Saga load against a running system (make up); BENCH_ARGS='--rate 100 --duration 30s --floor'
+	$(CARGO) run --quiet --bin commerce -- bench $(BENCH_ARGS)
+
 bench-hop: infra ## Benchmark one message hop through the broker
 	$(CARGO) bench -p shared --bench one_hop
 
@@ -54,7 +57,7 @@ bench-catalog: infra ## GET /products/{id} through the gateway, cache warm vs of
 	scripts/bench-catalog.sh
 
 bench-reservations: infra ## Reservations/s: one hot product vs spread over 1,000
-	$(CARGO) bench -p inventory-svc --bench reservations
+	scripts/bench-reservations.sh
 
 check-broker-restart: infra ## DISRUPTIVE: restart the real RabbitMQ mid-benchmark; check nothing is lost
 	scripts/broker-restart-check.sh

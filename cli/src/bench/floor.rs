@@ -1,0 +1,150 @@
+//! `commerce bench floor`: PostgreSQL's own commit rate for single-row inserts, measured
+//! with pgbench (from PATH) at a given number of clients, in a scratch database of the
+//! namespace (`<ns>_bench_floor`, dropped afterwards). The saga can place at most about
+//! `commits/s ÷ commits per order` orders per second on the same server.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions as _, Connection as _};
+
+use crate::Target;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Floor {
+    pub clients: usize,
+    pub duration_s: f64,
+    /// pgbench's tps: each transaction is one single-row INSERT, committed.
+    pub commits_per_s: f64,
+    pub transactions: u64,
+}
+
+const SCRIPT: &str = "INSERT INTO floor DEFAULT VALUES;\n";
+
+pub async fn run(target: &Target, clients: usize, duration: Duration) -> anyhow::Result<Floor> {
+    anyhow::ensure!(clients > 0, "the floor needs at least one client");
+    let secs = duration.as_secs().max(1);
+    let database = target.database("bench_floor");
+    let quoted = format!("\"{}\"", database.replace('"', "\"\""));
+    let server_url = target.postgres.database_url("postgres");
+    let mut server = PgConnectOptions::from_str(&server_url)
+        .context("COMMERCE__POSTGRES__URL")?
+        .connect()
+        .await
+        .context("connecting to PostgreSQL")?;
+    let drop = format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop.clone()))
+        .execute(&mut server)
+        .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+        .execute(&mut server)
+        .await?;
+    let url = target.postgres.database_url(&database);
+    let result = async {
+        let mut db = PgConnectOptions::from_str(&url)?.connect().await?;
+        sqlx::raw_sql(
+            "CREATE TABLE floor (id BIGSERIAL PRIMARY KEY, \
+             at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .execute(&mut db)
+        .await?;
+        db.close().await?;
+        pgbench(&url, clients, secs).await
+    }
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+        .execute(&mut server)
+        .await?;
+    let (commits_per_s, transactions) = result?;
+    Ok(Floor {
+        clients,
+        duration_s: secs as f64,
+        commits_per_s,
+        transactions,
+    })
+}
+
+/// Runs pgbench; the connection goes in PG* variables, not the command line, so that a
+/// password does not show in the process list.
+async fn pgbench(url: &str, clients: usize, secs: u64) -> anyhow::Result<(f64, u64)> {
+    let parsed = reqwest::Url::parse(url).context("COMMERCE__POSTGRES__URL is not a URL")?;
+    let script =
+        std::env::temp_dir().join(format!("commerce-bench-floor-{}.sql", std::process::id()));
+    std::fs::write(&script, SCRIPT)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut command = tokio::process::Command::new("pgbench");
+    command
+        .args(["--no-vacuum", "--protocol=prepared"])
+        .arg(format!("--client={clients}"))
+        .arg(format!("--jobs={}", clients.min(threads)))
+        .arg(format!("--time={secs}"))
+        .arg(format!("--file={}", script.display()))
+        .arg(parsed.path().trim_start_matches('/'))
+        .env("PGHOST", parsed.host_str().unwrap_or("127.0.0.1"))
+        .env("PGPORT", parsed.port().unwrap_or(5432).to_string())
+        .env("PGUSER", parsed.username())
+        .kill_on_drop(true);
+    if let Some(password) = parsed.password() {
+        command.env("PGPASSWORD", password);
+    }
+    for (key, value) in parsed.query_pairs() {
+        if key == "sslmode" {
+            command.env("PGSSLMODE", value.as_ref());
+        }
+    }
+    let output = command.output().await;
+    let _ = std::fs::remove_file(&script);
+    let output = output.context(
+        "running pgbench (install it: apt-get install postgresql-contrib, or the \
+         postgresql-client package of your PostgreSQL version)",
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "pgbench failed ({}): {}{}",
+            output.status,
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    parse(&stdout).with_context(|| format!("pgbench's output has no tps line:\n{stdout}"))
+}
+
+/// `tps = 1234.5 (without initial connection time)` and
+/// `number of transactions actually processed: 12345`.
+fn parse(stdout: &str) -> Option<(f64, u64)> {
+    let tps = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())?;
+    let transactions = stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("number of transactions actually processed: ")
+        })
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    Some((tps, transactions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn reads_pgbench_output() {
+        let out = "transaction type: floor.sql\nscaling factor: 1\n\
+                   number of transactions actually processed: 41234\n\
+                   latency average = 0.970 ms\n\
+                   initial connection time = 3.120 ms\n\
+                   tps = 4123.456789 (without initial connection time)\n";
+        assert_eq!(parse(out), Some((4123.456789, 41234)));
+        assert_eq!(parse("nothing here"), None);
+    }
+}
