@@ -166,3 +166,19 @@ pub async fn of_order(
         )
         .collect())
 }
+
+/// The intent of a successful authorization recorded for `order_id`, if any.
+pub async fn authorized_intent(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT intent_id FROM payment_ledger \
+         WHERE order_id = $1 AND source = 'call' AND step = 'authorize' AND result = 'ok' \
+           AND intent_id IS NOT NULL \
+         ORDER BY at DESC LIMIT 1",
+    )
+    .bind(order_id)
+    .fetch_optional(conn)
+    .await
+}

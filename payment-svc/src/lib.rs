@@ -34,6 +34,9 @@ pub const SERVICE: &str = "payment";
 
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Connections of the pool that records provider calls outside handler transactions.
+const LEDGER_CONNECTIONS: u32 = 2;
+
 #[derive(Clone)]
 pub struct AppState {
     pool: PgPool,
@@ -84,10 +87,20 @@ impl Application {
         }
         let infra = Infra::connect(SERVICE, &settings, needs).await?;
         let pool = infra.pool()?.clone();
+        // Its own pool: a handler holding a connection of the main pool waits on it, so
+        // taking the main pool here could leave every connection waiting for another.
+        let ledger = shared::db::pool(
+            &shared::config::PostgresSettings {
+                max_connections: LEDGER_CONNECTIONS,
+                ..settings.postgres.clone()
+            },
+            &shared::db::database_name(&settings, SERVICE),
+        )
+        .await?;
         let payments = Payments {
             provider,
             outbox: infra.outbox.clone(),
-            pool: pool.clone(),
+            pool: ledger,
             timeout: Duration::from_millis(settings.payments.provider_timeout_ms.max(1)),
         };
         let state = AppState {

@@ -310,6 +310,8 @@ pub struct Payments {
     pub provider: Arc<dyn PaymentProvider>,
     pub outbox: Outbox,
     /// For ledger rows of failed calls, written outside the transaction that rolls back.
+    /// Records provider calls outside the handler's transaction; never the pool the
+    /// handlers' transactions use.
     pub pool: PgPool,
     /// Bound of one provider call; past it the call counts as transient.
     pub timeout: Duration,
@@ -343,8 +345,12 @@ impl Payments {
         action: Action,
     ) -> Result<(), HandlerError> {
         match action {
-            Action::Skip => p.status = Status::Skipped,
+            Action::Skip => {
+                self.void_orphaned_hold(tx, p).await?;
+                p.status = Status::Skipped;
+            }
             Action::Abandon => {
+                self.void_orphaned_hold(tx, p).await?;
                 p.status = Status::Voided;
                 let voided = PaymentVoided {
                     order_id: p.order_id,
@@ -429,7 +435,10 @@ impl Payments {
         match answer {
             Authorization::Authorized { intent_id } => {
                 entry.intent_id = Some(intent_id.clone());
-                ledger::insert(tx, &entry.result("ok", None)).await?;
+                // Recorded outside `tx`: if this transaction rolls back (a capture right
+                // after failing), the hold still exists at the provider, and a release
+                // handled before the retry must find it to void it.
+                ledger::insert_with(&self.pool, &entry.result("ok", None)).await?;
                 p.intent_id = Some(intent_id);
                 p.status = Status::Authorized;
                 let authorized = PaymentAuthorized {
@@ -458,6 +467,29 @@ impl Payments {
                 self.publish(tx, cause, &failed).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Voids a hold an earlier, rolled-back attempt left at the provider, if the ledger
+    /// shows one: the payment is about to end without ever holding money.
+    async fn void_orphaned_hold(
+        &self,
+        tx: &mut PgConnection,
+        p: &mut Payment,
+    ) -> Result<(), HandlerError> {
+        let Some(intent) = ledger::authorized_intent(tx, p.order_id).await? else {
+            return Ok(());
+        };
+        tracing::warn!(order_id = %p.order_id, %intent, "voiding a hold left by a rolled-back attempt");
+        p.intent_id = Some(intent.clone());
+        p.provider = Some(self.provider.name().to_owned());
+        let entry = self.entry(p, Step::Void);
+        self.call(
+            tx,
+            entry,
+            self.provider.void(&intent, &entry_key(p, Step::Void)),
+        )
+        .await?;
         Ok(())
     }
 

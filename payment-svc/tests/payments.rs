@@ -625,6 +625,41 @@ async fn a_capture_answered_500_is_retried_with_the_same_key_and_captures_once()
     );
 }
 
+/// The capture made right after an authorization fails, so the handler's transaction
+/// rolls back while the hold stays at Stripe. A release handled before the retry must
+/// not leave that hold behind: the retry finds it in the ledger and voids it.
+/// The retry waits 5 s, far longer than handling the release takes.
+#[tokio::test]
+async fn a_hold_left_by_a_rolled_back_attempt_is_voided_when_the_stock_is_released() {
+    let mut world = World::start(true, |settings| {
+        settings.messaging.retry_delays_ms = vec![5_000];
+    })
+    .await;
+    let order = Uuid::now_v7();
+    world.deliver(&reserved(order)).await;
+    world
+        .fake()
+        .fail_next(Route::Capture, 1, Failure::Status500);
+    let created = order_created(order, "pm_card_visa");
+    world.send(&created).await;
+    eventually("the failed capture", || async {
+        (world.fake().requests(Route::Capture) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        world.fake().counts_for_order(order).intents,
+        1,
+        "a hold exists"
+    );
+    world.deliver(&released(order, "expired")).await;
+    world.settle().await;
+
+    assert_eq!(world.events(order), ["payment.voided"]);
+    assert_eq!(world.status(order).await, "voided");
+    let counts = world.fake().counts_for_order(order);
+    assert_eq!((counts.captures, counts.cancels), (0, 1), "{counts:?}");
+}
+
 #[tokio::test]
 async fn a_capture_timeout_is_retried_and_captures_once() {
     let mut world = World::start(true, |settings| {
