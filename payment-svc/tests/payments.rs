@@ -5,8 +5,6 @@
 //! counts.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -14,64 +12,18 @@ use lapin::BasicProperties;
 use lapin::types::ShortString;
 use serde_json::{Value, json};
 use shared::Settings;
-use shared::auth::{Claims, Role, SigningKeys};
+use shared::auth::{Claims, Role};
 use shared::service::Service;
 use sqlx::PgPool;
 use stripe_webhook::Webhook;
+use testkit::jwks::Jwks;
 use testkit::stripe::{self, Failure, FakeStripe, Route};
 use testkit::{Observer, TestEnv, eventually};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const WEBHOOK_SECRET: &str = "whsec_test_payment_svc";
 const MARKER: &str = "payment.test_marker";
-
-/// Serves the JWKS of the test's own signing keys, as user-svc would.
-struct Jwks {
-    url: String,
-    keys: Arc<SigningKeys>,
-    dir: PathBuf,
-    task: JoinHandle<()>,
-}
-
-impl Jwks {
-    async fn start(namespace: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("commerce-{namespace}-keys"));
-        let keys = Arc::new(SigningKeys::open(&dir).expect("signing keys"));
-        let served = keys.clone();
-        let app = axum::Router::new().route(
-            "/.well-known/jwks.json",
-            axum::routing::get(move || {
-                let keys = served.clone();
-                async move { axum::Json(serde_json::to_value(keys.jwks()).expect("jwks")) }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!(
-            "http://{}/.well-known/jwks.json",
-            listener.local_addr().expect("address")
-        );
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self {
-            url,
-            keys,
-            dir,
-            task,
-        }
-    }
-}
-
-impl Drop for Jwks {
-    fn drop(&mut self) {
-        self.task.abort();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// payment-svc, the fake Stripe (unless simulated), the test's hands on the broker and
 /// its eyes on every `payment.*` event.

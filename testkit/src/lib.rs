@@ -2,6 +2,7 @@
 //! removed when the test ends, even when it panics; polling with a deadline; a broker
 //! observer; and a TCP proxy that can cut a service off from the broker.
 
+pub mod jwks;
 mod proxy;
 pub mod smtp;
 pub mod stripe;
