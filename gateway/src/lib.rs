@@ -1,8 +1,9 @@
 //! gateway: the only entry point for API clients. Verifies tokens, applies rate limits
 //! held in Redis, routes each path of DESIGN.md §6 to its service, and serves the
-//! OpenAPI document of the whole API.
+//! OpenAPI document of the whole API and the ops console page (`/console`).
 
 mod admin;
+mod console;
 mod docs;
 mod proxy;
 mod rate_limit;
@@ -253,6 +254,7 @@ impl Application {
         }));
         let mut router = api_routes(state.clone())
             .merge(admin::router(state.clone()))
+            .merge(console::router())
             .merge(docs::router(state));
         if let Some(cors) = cors(&settings.gateway)? {
             router = router.layer(cors);
