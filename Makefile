@@ -2,14 +2,15 @@
 #
 # Infra (PostgreSQL, RabbitMQ, Redis) is checked/started by
 # scripts/ensure-infra.sh, which reads the same COMMERCE__*__URL variables as
-# the services. CARGO_TARGET_DIR is honoured from the environment if set.
+# the services; what the console's browser test needs (Node.js, Chromium, npm
+# packages) by scripts/ensure-browser.sh. CARGO_TARGET_DIR is honoured from the environment if set.
 
 CARGO ?= cargo
 TEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help up test fmt lint check infra bench bench-hop bench-gateway bench-catalog bench-reservations check-broker-restart
+.PHONY: help up test fmt lint check infra browser bench bench-hop bench-gateway bench-catalog bench-reservations check-broker-restart
 
 help: ## List the targets
 	@echo "Commerce make targets:"
@@ -20,11 +21,14 @@ help: ## List the targets
 infra: ## Make sure PostgreSQL, RabbitMQ and Redis answer (starts/installs them if needed)
 	scripts/ensure-infra.sh
 
+browser: ## Make sure Node.js, Chromium and e2e/browser's npm packages are there (the console's browser test)
+	scripts/ensure-browser.sh
+
 up: infra ## Start infra, build, and run every service under the supervisor
 	$(CARGO) build --bins
 	$(CARGO) run --quiet --bin commerce -- up
 
-test: infra ## Start infra, build all binaries, run all tests (nextest if installed)
+test: infra browser ## Start infra, install the browser test's needs, build all binaries, run all tests (nextest if installed)
 	$(CARGO) build --workspace --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "$(CARGO) nextest run --workspace $(TEST_ARGS)"; \
