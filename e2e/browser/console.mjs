@@ -152,7 +152,7 @@ async function main(browser) {
   const audit = await entry.locator("td").allTextContents();
   result.audit = {
     who: audit[1],
-    operator: await entry.locator("td.who").getAttribute("title"),
+    operator: await entry.locator("td.operator").getAttribute("title"),
     action: audit[2],
     service: audit[3],
     group: audit[4],

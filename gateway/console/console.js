@@ -366,6 +366,7 @@ async function loadGroup(key, more = false) {
   show($("messages-more"), Boolean(page.next_cursor));
   show($("messages-empty"), body.rows.length === 0);
   show($("messages-table"), body.rows.length > 0);
+  show($("group-actions"), body.rows.length > 0);
   unavailable($("messages-unavailable"), page.unavailable);
   panel.dataset.count = String(body.rows.length);
   panel.dataset.state = "ready";
@@ -598,7 +599,7 @@ async function loadAudit(more = false) {
         "tr",
         { data: { id: a.id } },
         el("td", {}, time(a.at)),
-        el("td", { class: "who", title: a.operator, text: who(a.operator) }),
+        el("td", { class: "operator", title: a.operator, text: who(a.operator) }),
         el("td", { text: a.action }),
         el("td", { text: a.service }),
         el("td", { class: "mono" }, a.group ? link(groupHref(a.group), a.group) : "selection"),
@@ -755,7 +756,10 @@ function wire() {
   $("discard-one").addEventListener("click", discardOneAsked);
   $("audit-refresh").addEventListener("click", () => run(() => loadAudit()));
   $("audit-more").addEventListener("click", () => run(() => loadAudit(true)));
-  window.addEventListener("hashchange", render);
+  window.addEventListener("hashchange", () => {
+    notify(""); // a result belongs to the view it was shown on
+    render();
+  });
 }
 
 function start() {
