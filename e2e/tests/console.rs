@@ -5,7 +5,8 @@
 //!
 //! Needs `node` and `e2e/browser/node_modules` (`scripts/ensure-browser.sh`, run by
 //! `make test`) and Chromium at `/usr/bin/chromium` or `$CHROMIUM`.
-//! `COMMERCE_CONSOLE_SCREENSHOT=<path>` saves a screenshot of the groups there.
+//! `COMMERCE_CONSOLE_SCREENSHOT=<path>` (absolute, or relative to the workspace) saves a
+//! screenshot of the groups there: `docs/console.png` is made that way.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -219,8 +220,8 @@ async fn an_admin_replays_a_group_of_failed_receipts_in_the_console_and_sees_it_
         ("COMMERCE_CUSTOMER_PASSWORD", PASSWORD.to_owned()),
     ];
     if let Ok(path) = std::env::var("COMMERCE_CONSOLE_SCREENSHOT") {
-        // Relative to where the test was started from, not to the script's directory.
-        let path = std::env::current_dir().expect("cwd").join(path);
+        // Test runners start a test in its package's directory: relative to the workspace.
+        let path = manifest_dir().join("..").join(path);
         env.push(("COMMERCE_CONSOLE_SCREENSHOT", path.display().to_string()));
     }
     let report = run_browser(&env).await;
