@@ -327,7 +327,9 @@ start_service() {
       local bin envs=()
       bin=$(find_bin rabbitmq-server)
       [[ ${PORT[rabbitmq]} == 5672 ]] || envs=("RABBITMQ_NODE_PORT=${PORT[rabbitmq]}")
-      if ! out=$(as_root env "${envs[@]}" "$bin" -detached 2>&1); then
+      # The broker takes its socket limit from the soft file limit (often 1024, which
+      # leaves about 800 connections); start it with the hard limit instead.
+      if ! out=$(ulimit -n "$(ulimit -Hn)" 2>/dev/null; as_root env "${envs[@]}" "$bin" -detached 2>&1); then
         warn "rabbitmq: rabbitmq-server -detached failed: $out"
         warn "  look at ${LOGHINT[rabbitmq]}"
         return 1

@@ -319,8 +319,8 @@ async fn every_service_shows_the_families_operators_alert_on() {
     for base in &bases {
         scrapes.push(scrape(client, base).await);
     }
-    // Gauges are refreshed every few seconds and welcome mails go out on their own
-    // time: scrape until this stack's consumers and first mails show.
+    // Consumers attach and welcome mails go out on their own time: scrape until this
+    // stack's consumers and first mails show.
     let m = eventually(
         "the metrics to show this stack's consumers and mail",
         || async {

@@ -394,6 +394,7 @@ impl Check {
 struct Probes {
     service: Arc<str>,
     checks: Arc<[Check]>,
+    queues: Option<Arc<crate::metrics::QueueGauges>>,
 }
 
 async fn health(State(probes): State<Probes>) -> Response {
@@ -427,7 +428,10 @@ async fn ready(State(probes): State<Probes>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn metrics_text() -> Response {
+async fn metrics_text(State(probes): State<Probes>) -> Response {
+    if let Some(queues) = &probes.queues {
+        queues.refresh().await;
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(),
@@ -435,8 +439,13 @@ async fn metrics_text() -> Response {
         .into_response()
 }
 
-/// `/health` (the process answers), `/ready` (each of `checks` answers) and `/metrics`.
-pub fn probe_routes(service: &str, checks: Vec<Check>) -> Router {
+/// `/health` (the process answers), `/ready` (each of `checks` answers) and `/metrics`
+/// (with `queues` read from the broker at each scrape, for a service that consumes).
+pub fn probe_routes(
+    service: &str,
+    checks: Vec<Check>,
+    queues: Option<crate::metrics::QueueGauges>,
+) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -444,6 +453,7 @@ pub fn probe_routes(service: &str, checks: Vec<Check>) -> Router {
         .with_state(Probes {
             service: service.into(),
             checks: checks.into(),
+            queues: queues.map(Arc::new),
         })
 }
 

@@ -1,6 +1,7 @@
 //! The process-wide Prometheus recorder behind every service's `/metrics`, the families
-//! every service shares (described here, so a scrape says what each one means), and the
-//! watcher that keeps the dead-letter and queue-depth gauges current.
+//! every service shares (described here, so a scrape says what each one means), the
+//! watcher that keeps the dead-letter gauges current, and the queue gauges a scrape reads
+//! from the broker.
 //!
 //! Families are registered at zero when a service starts where their labels are known
 //! then (each handler's outcomes, the outbox and dead-letter gauges), so dashboards and
@@ -23,9 +24,12 @@ const BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// How often the watcher refreshes the dead-letter and queue gauges: a few times per
-/// usual scrape interval (15 s), and cheap (one indexed count, two passive declares).
+/// How often the watcher refreshes the dead-letter gauges: a few times per usual scrape
+/// interval (15 s), and cheap (two indexed counts).
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a scrape waits for the broker's queue depths before answering without them.
+const QUEUE_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Every outcome `messages_total` counts, as labelled.
 pub const MESSAGE_OUTCOMES: [&str; 5] = [
@@ -175,26 +179,10 @@ pub fn register_handlers<'a>(service: &str, handlers: impl IntoIterator<Item = &
     }
 }
 
-/// Keeps `dead_letters_open`, `dead_letters_oldest_open_age_seconds`,
-/// `dead_letter_replays_pending` and (for a service that consumes) `queue_messages` /
-/// `queue_consumers` of its main queue and its dead-letter queue current until
-/// `shutdown`. The DLQ is normally empty, since the service's ingest moves each message
-/// into the table at once; a DLQ that fills means that ingest is failing (the database,
-/// usually).
-pub async fn watch(
-    pool: PgPool,
-    broker: Broker,
-    topology: Topology,
-    consumes: bool,
-    shutdown: CancellationToken,
-) {
+/// Keeps `dead_letters_open`, `dead_letters_oldest_open_age_seconds` and
+/// `dead_letter_replays_pending` current until `shutdown`, also while the broker is down.
+pub async fn watch(pool: PgPool, service: String, shutdown: CancellationToken) {
     handle();
-    let service = topology.service().to_owned();
-    let queues = if consumes {
-        vec![topology.queue(), topology.dead_letter_queue()]
-    } else {
-        Vec::new()
-    };
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -203,8 +191,39 @@ pub async fn watch(
             _ = tick.tick() => {}
         }
         record_dead_letters(&pool, &service).await;
-        if !queues.is_empty() {
-            record_queues(&broker, &service, &queues).await;
+    }
+}
+
+/// `queue_messages` / `queue_consumers` of a consuming service's main queue and its
+/// dead-letter queue, read from the broker when `/metrics` is scraped rather than polled:
+/// no broker traffic between scrapes, and never a stale depth. The DLQ is normally empty,
+/// since the service's ingest moves each message into the table at once; a DLQ that fills
+/// means that ingest is failing (the database, usually).
+#[derive(Clone)]
+pub struct QueueGauges {
+    broker: Broker,
+    service: String,
+    queues: Vec<String>,
+}
+
+impl QueueGauges {
+    pub fn new(broker: Broker, topology: &Topology) -> Self {
+        Self {
+            broker,
+            service: topology.service().to_owned(),
+            queues: vec![topology.queue(), topology.dead_letter_queue()],
+        }
+    }
+
+    /// Reads the depths; on a broker that does not answer in time the gauges keep their
+    /// last values and `/ready` reports the broker.
+    pub async fn refresh(&self) {
+        let read = record_queues(&self.broker, &self.service, &self.queues);
+        if tokio::time::timeout(QUEUE_READ_TIMEOUT, read)
+            .await
+            .is_err()
+        {
+            tracing::debug!("queue depths not read: the broker did not answer in time");
         }
     }
 }

@@ -138,6 +138,7 @@ impl Service {
         let relay_stop = CancellationToken::new();
         let mut relay = None;
         let mut checks = Vec::new();
+        let mut queue_gauges = None;
 
         if let (Some(pool), Some(broker)) = (&infra.pool, &infra.broker) {
             checks.push(Check::Database(pool.clone()));
@@ -153,11 +154,15 @@ impl Service {
             crate::metrics::register_handlers(infra.name, work.handlers.iter().map(|h| h.name()));
             workers.spawn(crate::metrics::watch(
                 pool.clone(),
-                broker.clone(),
-                infra.topology.clone(),
-                !work.handlers.is_empty(),
+                infra.topology.service().to_owned(),
                 shutdown.child_token(),
             ));
+            if !work.handlers.is_empty() {
+                queue_gauges = Some(crate::metrics::QueueGauges::new(
+                    broker.clone(),
+                    &infra.topology,
+                ));
+            }
 
             if !work.handlers.is_empty() {
                 let mut consumer = Consumer::new(
@@ -199,7 +204,7 @@ impl Service {
             None => router,
         };
         let router = http::with_common_layers(
-            http::probe_routes(infra.name, checks).merge(router),
+            http::probe_routes(infra.name, checks, queue_gauges).merge(router),
             infra.name,
             &settings.http,
         );
