@@ -7,7 +7,7 @@
 #   - POST /api/v1/auth/login through the gateway (argon2id, OWASP parameters).
 # Throughput: wrk, closed loop, the three targets interleaved for BENCH_ROUNDS rounds,
 # medians reported. Latency at equal load: hey at one fixed rate for all three (60% of
-# nginx's median throughput). Release builds; rate limits raised so every request is
+# nginx's median throughput), interleaved the same way, medians reported. Release builds; rate limits raised so every request is
 # counted (leased from Redis) but none is refused.
 # Needs wrk, hey, nginx and python3 (apt install wrk hey nginx-light).
 #
@@ -148,10 +148,15 @@ bad = sum(int(n) for c, n in codes.items() if not c.startswith("2"))
 print("%.0f %.2f %.2f %d" % (rps, pct(50), pct(99), bad))
 EOF
 : >"$WORK/fixed.txt"
-for target in gateway direct nginx; do
-  url_var="${target^^}_URL"
-  hey -z 3s -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" >/dev/null
-  echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" | python3 "$WORK/hey.py")" >>"$WORK/fixed.txt"
+# Interleaved rounds as above: one run's tail is at the mercy of whatever else the
+# machine did in those seconds.
+for round in $(seq 1 "$ROUNDS"); do
+  for target in gateway direct nginx; do
+    url_var="${target^^}_URL"
+    hey -z 3s -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" >/dev/null
+    echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" | python3 "$WORK/hey.py")" >>"$WORK/fixed.txt"
+  done
+  echo "bench-gateway: equal-load round $round done" >&2
 done
 
 python3 - "$WORK/max.txt" "$WORK/fixed.txt" "$CONNECTIONS" "$SECONDS_PER_RUN" "$ROUNDS" "$RATE" \
@@ -160,7 +165,13 @@ import statistics, sys
 max_file, fixed_file, conns, secs, rounds, rate = sys.argv[1:7]
 login = sys.argv[7:11]
 rows = [l.split() for l in open(max_file)]
-fixed = {r[0]: r[1:] for r in (l.split() for l in open(fixed_file))}
+fixed_rows = [l.split() for l in open(fixed_file)]
+fixed = {}
+for target in ("gateway", "direct", "nginx"):
+    mine = [r for r in fixed_rows if r[0] == target]
+    fixed[target] = [statistics.median(float(r[i]) for r in mine) for i in (1, 2, 3)]
+    fixed[target].append(sum(int(r[4]) for r in mine))
+    print(f"{target} at equal load, p99 of each round: " + ", ".join(r[3] for r in mine), file=sys.stderr)
 names = {
     "gateway": "through the gateway (token, rate limit, proxy)",
     "direct": "straight to user-svc",
@@ -172,12 +183,12 @@ for target in names:
     med[target] = [statistics.median(float(r[i]) for r in mine) for i in (1, 2, 3)]
     med[target].append(sum(int(r[4]) for r in mine))
 total_rate = int(rate) * int(conns)
-print(f"| GET /api/v1/users/me | max requests/s (median of {rounds}) | p50 ms | p99 ms | at {total_rate} requests/s: p50 ms | p99 ms | non-2xx |")
+print(f"| GET /api/v1/users/me | max requests/s (median of {rounds}) | p50 ms | p99 ms | at {total_rate} requests/s (median of {rounds}): p50 ms | p99 ms | non-2xx |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for target, label in names.items():
     rps, p50, p99, bad = med[target]
     f_rps, f50, f99, fbad = fixed[target]
-    print(f"| {label} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {float(f50):.2f} | {float(f99):.2f} | {bad + int(fbad)} |")
+    print(f"| {label} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {f50:.2f} | {f99:.2f} | {bad + fbad} |")
 print()
 print(f"| POST /api/v1/auth/login through the gateway (argon2id m=19 MiB, t=2, p=1), {conns} connections | {float(login[0]):.0f} requests/s | p50 {login[1]} ms | p99 {login[2]} ms | non-2xx {login[3]} |")
 print("|---|---:|---:|---:|---:|")
