@@ -1,6 +1,7 @@
 //! The harness for tests of the whole system: real services started in this process on
 //! free ports, wired to each other, in a namespace of their own.
 
+pub mod faults;
 pub mod upload;
 
 use std::path::PathBuf;

@@ -8,15 +8,15 @@
 //! `COMMERCE_CONSOLE_SCREENSHOT=<path>` (absolute, or relative to the workspace) saves a
 //! screenshot of the groups there: `docs/console.png` is made that way.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
+use e2e::faults::{MissingReceiptTemplate, place_orders};
 use e2e::{PASSWORD, Stack, StackOptions, Svc, WAIT};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use testkit::eventually;
 use testkit::smtp::SmtpServer;
-use uuid::Uuid;
 
 const ADMIN_EMAIL: &str = "oncall@example.com";
 const ADMIN_PASSWORD: &str = "a long admin passphrase nobody guesses";
@@ -24,42 +24,6 @@ const ORDERS: usize = 3;
 
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn builtin_templates() -> PathBuf {
-    manifest_dir().join("../notification-svc/templates")
-}
-
-/// A copy of the built-in templates without `order_receipt.txt`; removed on drop.
-struct Templates(PathBuf);
-
-impl Templates {
-    fn without_receipt() -> Self {
-        let dir = std::env::temp_dir().join(format!("commerce-templates-{}", Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).expect("template dir");
-        for entry in std::fs::read_dir(builtin_templates()).expect("built-in templates") {
-            let path = entry.expect("entry").path();
-            if path.file_name().is_some_and(|n| n != "order_receipt.txt") {
-                std::fs::copy(&path, dir.join(path.file_name().expect("name"))).expect("copy");
-            }
-        }
-        Self(dir)
-    }
-
-    /// Puts the missing template in place: the fix is deployed.
-    fn fix(&self) {
-        std::fs::copy(
-            builtin_templates().join("order_receipt.txt"),
-            self.0.join("order_receipt.txt"),
-        )
-        .expect("copy the template");
-    }
-}
-
-impl Drop for Templates {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 async fn call(
@@ -124,8 +88,8 @@ async fn run_browser(env: &[(&str, String)]) -> Value {
 #[tokio::test]
 async fn an_admin_replays_a_group_of_failed_receipts_in_the_console_and_sees_it_empty() {
     let smtp = SmtpServer::start().await;
-    let templates = Templates::without_receipt();
-    let (url, dir) = (smtp.url(), templates.0.clone());
+    let templates = MissingReceiptTemplate::new();
+    let (url, dir) = (smtp.url(), templates.dir());
     let stack = Stack::start_with(StackOptions {
         services: vec![
             Svc::Product,
@@ -167,28 +131,7 @@ async fn an_admin_replays_a_group_of_failed_receipts_in_the_console_and_sees_it_
         ),
     )
     .await;
-    let mut orders = Vec::new();
-    for n in 0..ORDERS {
-        let body = json!({"items": [{"product_id": product["id"], "quantity": 1}],
-                          "payment_method": "pm_card_visa"});
-        let order = eventually("order-svc to know the product", || async {
-            let response = stack
-                .api(Method::POST, "/orders")
-                .bearer_auth(&customer)
-                .header("Idempotency-Key", format!("console-{n}"))
-                .json(&body)
-                .send()
-                .await
-                .expect("place");
-            match response.status() {
-                StatusCode::ACCEPTED => Some(response.json::<Value>().await.expect("json")),
-                StatusCode::UNPROCESSABLE_ENTITY => None,
-                other => panic!("placing an order: {other}"),
-            }
-        })
-        .await;
-        orders.push(order["id"].as_str().expect("id").to_owned());
-    }
+    let mut orders = place_orders(&stack, &customer, &product["id"], ORDERS, "console").await;
     let group = eventually("the receipts to be dead-lettered in one group", || async {
         let page = call(
             &stack,

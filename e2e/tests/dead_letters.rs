@@ -5,9 +5,9 @@
 //! The fault is real: notification-svc reads its templates from a directory that lacks
 //! `order_receipt`, so every `order.paid` fails permanently until the file is put back.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use e2e::faults::{MissingReceiptTemplate, place_orders};
 use e2e::{Stack, StackOptions, Svc};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -20,41 +20,18 @@ use uuid::Uuid;
 const ADMIN_EMAIL: &str = "oncall@example.com";
 const ADMIN_PASSWORD: &str = "a long admin passphrase nobody guesses";
 
-fn builtin_templates() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../notification-svc/templates")
-}
-
-/// A copy of the built-in templates without `order_receipt.txt`.
-fn templates_without_receipt() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("commerce-templates-{}", Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).expect("template dir");
-    for entry in std::fs::read_dir(builtin_templates()).expect("built-in templates") {
-        let path = entry.expect("entry").path();
-        if path.file_name().is_some_and(|n| n != "order_receipt.txt") {
-            std::fs::copy(&path, dir.join(path.file_name().expect("name"))).expect("copy");
-        }
-    }
-    dir
-}
-
 struct World {
     stack: Stack,
     smtp: SmtpServer,
-    templates: PathBuf,
+    templates: MissingReceiptTemplate,
     admin: String,
     admin_id: String,
 }
 
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.templates);
-    }
-}
-
 async fn world(services: &[Svc], tweak: fn(&mut Settings)) -> World {
     let smtp = SmtpServer::start().await;
-    let templates = templates_without_receipt();
-    let (url, dir) = (smtp.url(), templates.clone());
+    let templates = MissingReceiptTemplate::new();
+    let (url, dir) = (smtp.url(), templates.dir());
     let stack = Stack::start_with(StackOptions {
         services: services.to_vec(),
         configure: Box::new(move |s| {
@@ -147,15 +124,6 @@ impl World {
         .await
     }
 
-    /// Puts the missing template in place: the fix is deployed.
-    fn fix_templates(&self) {
-        std::fs::copy(
-            builtin_templates().join("order_receipt.txt"),
-            self.templates.join("order_receipt.txt"),
-        )
-        .expect("copy the template");
-    }
-
     /// Receipts to `customer`, by order id (from the subject).
     fn receipts(&self, customer: &str) -> Vec<String> {
         self.smtp
@@ -234,29 +202,7 @@ async fn receipts_that_failed_for_a_missing_template_form_one_group_and_a_replay
         .await;
     assert_eq!(status, StatusCode::CREATED, "{product}");
 
-    let mut orders = Vec::new();
-    for n in 0..3 {
-        let body = json!({"items": [{"product_id": product["id"], "quantity": 1}],
-                          "payment_method": "pm_card_visa"});
-        let order = eventually("order-svc to know the product", || async {
-            let response = w
-                .stack
-                .api(Method::POST, "/orders")
-                .bearer_auth(&customer)
-                .header("Idempotency-Key", format!("order-{n}"))
-                .json(&body)
-                .send()
-                .await
-                .expect("place");
-            match response.status() {
-                StatusCode::ACCEPTED => Some(response.json::<Value>().await.expect("json")),
-                StatusCode::UNPROCESSABLE_ENTITY => None,
-                other => panic!("placing an order: {other}"),
-            }
-        })
-        .await;
-        orders.push(order["id"].as_str().expect("id").to_owned());
-    }
+    let orders = place_orders(&w.stack, &customer, &product["id"], 3, "order").await;
     for id in &orders {
         eventually("the order to be paid", || async {
             let (_, order) = w
@@ -316,7 +262,7 @@ async fn receipts_that_failed_for_a_missing_template_form_one_group_and_a_replay
     );
 
     // The fix is deployed; the operator replays the group.
-    w.fix_templates();
+    w.templates.fix();
     let answer = w.replay(json!({"group": key})).await;
     assert_eq!(answer["replayed"], 3, "{answer}");
     let mut receipts = eventually("a receipt for every order", || async {
@@ -590,7 +536,7 @@ async fn a_group_of_a_hundred_dead_letters_replays_completely_each_once() {
     unique.dedup();
     assert_eq!((listed.len(), unique.len()), (100, 100));
 
-    w.fix_templates();
+    w.templates.fix();
     let answer = w.replay(json!({"group": key})).await;
     assert_eq!(answer["replayed"], 100, "{answer}");
 
