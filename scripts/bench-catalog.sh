@@ -106,23 +106,10 @@ EOF
 } >"$WORK/ids.lua"
 
 # wrk's report as: requests/s, p50 ms, p99 ms, non-2xx responses, socket errors.
-cat >"$WORK/parse.py" <<'EOF'
-import re, sys
-text = sys.stdin.read()
-def ms(label):
-    m = re.search(r"^\s+" + label + r"%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-    value, unit = float(m.group(1)), m.group(2)
-    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-errors = re.search(r"Socket errors: (.*)", text)
-error_text = errors.group(1).replace(" ", "_") if errors else "none"
-print("%.0f %.2f %.2f %s %s" % (rps, ms("50"), ms("99"), bad.group(1) if bad else 0, error_text))
-EOF
 run() {
   local url=$1
   wrk -t2 -c"$CONNECTIONS" -d3s -s "$WORK/ids.lua" "$url" >/dev/null   # warm-up (fills the cache)
-  wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency -s "$WORK/ids.lua" "$url" | python3 "$WORK/parse.py"
+  wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency -s "$WORK/ids.lua" "$url" | python3 scripts/lib/wrk_summary.py
 }
 
 CACHED_URL="http://127.0.0.1:$GW_CACHED_PORT"
@@ -147,22 +134,12 @@ uncached = statistics.median(float(r[1]) for r in rows if r[0] == "uncached")
 print(max(1, int(uncached * 0.6 / int(sys.argv[2]))))
 EOF
 )
-cat >"$WORK/hey.py" <<'EOF'
-import re, sys
-text = sys.stdin.read()
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-def pct(p):
-    return float(re.search(r"\s%d%% in ([\d.]+) secs" % p, text).group(1)) * 1000
-codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", text))
-bad = sum(int(n) for c, n in codes.items() if not c.startswith("2"))
-print("%.0f %.2f %.2f %d" % (rps, pct(50), pct(99), bad))
-EOF
 : >"$WORK/fixed.txt"
 for target in cached uncached; do
   url_var="${target^^}_URL"
   url="${!url_var}/api/v1/products/$FIRST"
   hey -z 3s -c "$CONNECTIONS" -q "$RATE" "$url" >/dev/null
-  echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "$url" | python3 "$WORK/hey.py")" >>"$WORK/fixed.txt"
+  echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "$url" | python3 scripts/lib/hey_summary.py)" >>"$WORK/fixed.txt"
 done
 
 counter() {

@@ -94,23 +94,10 @@ wrk.headers["Content-Type"] = "application/json"
 EOF
 
 # wrk's report as: requests/s, p50 ms, p99 ms, non-2xx responses, socket errors.
-cat >"$WORK/parse.py" <<'EOF'
-import re, sys
-text = sys.stdin.read()
-def ms(label):
-    m = re.search(r"^\s+" + label + r"%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-    value, unit = float(m.group(1)), m.group(2)
-    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-errors = re.search(r"Socket errors: (.*)", text)
-error_text = errors.group(1).replace(" ", "_") if errors else "none"
-print("%.0f %.2f %.2f %s %s" % (rps, ms("50"), ms("99"), bad.group(1) if bad else 0, error_text))
-EOF
 run() {
   local url=$1; shift
   wrk -t2 -c"$CONNECTIONS" -d3s "$@" "$url" >/dev/null   # warm-up
-  wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency "$@" "$url" | python3 "$WORK/parse.py"
+  wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency "$@" "$url" | python3 scripts/lib/wrk_summary.py
 }
 
 AUTH=(-H "Authorization: Bearer $TOKEN")
@@ -137,16 +124,6 @@ per_worker = max(1, int(nginx * 0.6 / int(sys.argv[2])))
 print(per_worker)
 EOF
 )
-cat >"$WORK/hey.py" <<'EOF'
-import re, sys
-text = sys.stdin.read()
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-def pct(p):
-    return float(re.search(r"\s%d%% in ([\d.]+) secs" % p, text).group(1)) * 1000
-codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", text))
-bad = sum(int(n) for c, n in codes.items() if not c.startswith("2"))
-print("%.0f %.2f %.2f %d" % (rps, pct(50), pct(99), bad))
-EOF
 : >"$WORK/fixed.txt"
 # Interleaved rounds as above: one run's tail is at the mercy of whatever else the
 # machine did in those seconds.
@@ -154,7 +131,7 @@ for round in $(seq 1 "$ROUNDS"); do
   for target in gateway direct nginx; do
     url_var="${target^^}_URL"
     hey -z 3s -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" >/dev/null
-    echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" | python3 "$WORK/hey.py")" >>"$WORK/fixed.txt"
+    echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" | python3 scripts/lib/hey_summary.py)" >>"$WORK/fixed.txt"
   done
   echo "bench-gateway: equal-load round $round done" >&2
 done

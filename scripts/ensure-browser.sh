@@ -18,22 +18,8 @@ CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
 say() { printf 'ensure-browser: %s\n' "$*"; }
 warn() { printf 'ensure-browser: %s\n' "$*" >&2; }
 
-PRIV=none
-if [[ $(id -u) -eq 0 ]]; then
-  PRIV=root
-elif command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
-  PRIV=sudo
-fi
-SUDO_HINT=""
-[[ $PRIV == root ]] || SUDO_HINT="sudo "
-
-as_root() {
-  case $PRIV in
-    root) "$@" ;;
-    sudo) sudo -n "$@" ;;
-    *) return 99 ;;
-  esac
-}
+# shellcheck source=lib/privilege.sh
+. "$ROOT/scripts/lib/privilege.sh"
 
 APT_UPDATED=0
 MISSING=()   # Debian packages a human has to install

@@ -177,24 +177,8 @@ pg_url_user() {
 
 # --- privilege ---------------------------------------------------------------
 
-PRIV=none
-if [[ $(id -u) -eq 0 ]]; then
-  PRIV=root
-elif command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
-  PRIV=sudo
-fi
-
-# Prefix a human should type for root-only commands.
-SUDO_HINT=""
-[[ $PRIV == root ]] || SUDO_HINT="sudo "
-
-as_root() {
-  case $PRIV in
-    root) "$@" ;;
-    sudo) sudo -n "$@" ;;
-    *) return 99 ;;
-  esac
-}
+# shellcheck source=lib/privilege.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/privilege.sh"
 
 # Locate a binary even when sbin is not on PATH (non-root users on Debian).
 find_bin() {
