@@ -57,6 +57,7 @@ impl World {
         settings.messaging.concurrency = 1;
         settings.messaging.prefetch = 1;
         configure(&mut settings);
+        env.track(&settings);
 
         let app = Application::build(settings.clone())
             .await

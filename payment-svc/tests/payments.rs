@@ -73,6 +73,7 @@ impl World {
         let jwks = Jwks::start(&env.namespace).await;
         settings.auth.jwks_url = Some(jwks.url.clone());
         configure(&mut settings);
+        env.track(&settings);
         let observer = Observer::new(&env, &["payment.*"]).await;
         let app = payment_svc::Application::build(settings.clone())
             .await

@@ -181,6 +181,7 @@ async fn hops(
     let mut settings = test_env.settings();
     settings.postgres.max_connections = u32::try_from(concurrency).unwrap_or(8) + 4;
     settings.messaging.retry_delays_ms = vec![1_000];
+    test_env.track(&settings);
     let a = shared::db::bootstrap(&settings, "hopa", None).await?;
     let b = shared::db::bootstrap(&settings, "hopb", None).await?;
     sqlx::query("CREATE TABLE pings (id UUID PRIMARY KEY, at TIMESTAMPTZ NOT NULL DEFAULT now())")

@@ -7,7 +7,9 @@ mod proxy;
 pub mod smtp;
 pub mod stripe;
 
+use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -29,6 +31,9 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub struct TestEnv {
     pub namespace: String,
     settings: Settings,
+    /// Retry delays services of this namespace were started with besides the namespace's
+    /// own and the defaults: their wait queues are named by delay.
+    extra_retry_delays: Mutex<BTreeSet<u64>>,
     /// Only the test that made the namespace removes it.
     owner: bool,
 }
@@ -76,7 +81,16 @@ impl TestEnv {
         Self {
             namespace,
             settings,
+            extra_retry_delays: Mutex::default(),
             owner,
+        }
+    }
+
+    /// Makes cleanup also delete the retry wait queues of `settings`, for a test that
+    /// starts a service with retry delays of its own.
+    pub fn track(&self, settings: &Settings) {
+        if let Ok(mut extra) = self.extra_retry_delays.lock() {
+            extra.extend(settings.messaging.retry_delays_ms.iter().copied());
         }
     }
 
@@ -143,7 +157,16 @@ impl Drop for TestEnv {
             return;
         }
         let namespace = self.namespace.clone();
-        let settings = self.settings.clone();
+        let mut settings = self.settings.clone();
+        // Every delay a service here may have used: the namespace's, those a test
+        // tracked, and the defaults (for services started as processes with them).
+        let mut delays: BTreeSet<u64> =
+            settings.messaging.retry_delays_ms.iter().copied().collect();
+        if let Ok(extra) = self.extra_retry_delays.lock() {
+            delays.extend(extra.iter().copied());
+        }
+        delays.extend(shared::config::MessagingSettings::default().retry_delays_ms);
+        settings.messaging.retry_delays_ms = delays.into_iter().collect();
         let _ = std::fs::remove_dir_all(&settings.files.dir);
         let _ = std::fs::remove_dir_all(&settings.smtp.dir);
         // Own thread and runtime: this also runs while a failed test unwinds.
@@ -175,22 +198,40 @@ async fn cleanup(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
         ConnectionProperties::default(),
     )
     .await?;
-    let channel = amqp.create_channel().await?;
+    // One failure must not leave the rest behind: carry on, report the first at the end.
+    let mut first_error: Option<anyhow::Error> = None;
+    let mut note = |result: anyhow::Result<()>| {
+        if let Err(error) = result {
+            first_error.get_or_insert(error);
+        }
+    };
     let prefix = format!("{namespace}_");
     for database in &databases {
         let service = database.trim_start_matches(&prefix);
-        Topology::new(namespace, service, &settings.messaging)
-            .delete_queues(&channel)
+        // A failed delete closes its channel: one channel per service.
+        let result = async {
+            let channel = amqp.create_channel().await?;
+            Topology::new(namespace, service, &settings.messaging)
+                .delete_queues(&channel)
+                .await?;
+            channel.close(200, "cleanup".into()).await?;
+            Ok(())
+        };
+        note(result.await);
+    }
+    let result = async {
+        let channel = amqp.create_channel().await?;
+        Topology::new(namespace, "-", &settings.messaging)
+            .delete_exchanges(&channel)
             .await?;
-    }
-    Topology::new(namespace, "-", &settings.messaging)
-        .delete_exchanges(&channel)
-        .await?;
-    amqp.close(200, "cleanup".into()).await?;
+        Ok(())
+    };
+    note(result.await);
+    note(amqp.close(200, "cleanup".into()).await.map_err(Into::into));
     for database in &databases {
-        shared::db::drop_database(&settings.postgres, database).await?;
+        note(shared::db::drop_database(&settings.postgres, database).await);
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Polls `check` until it gives `Some`, failing the test after [`DEADLINE`].
