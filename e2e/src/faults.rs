@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use testkit::eventually;
+use testkit::smtp::SmtpServer;
 
 use crate::Stack;
 
@@ -57,10 +58,65 @@ impl Drop for MissingReceiptTemplate {
     }
 }
 
+/// A new customer's orders of a new seller's product.
+pub struct Orders {
+    /// The customer's access token.
+    pub customer: String,
+    pub customer_email: String,
+    /// Order ids, in the order they were placed.
+    pub ids: Vec<String>,
+}
+
+/// Seller `sam` adds a product (10 in stock) and customer `carol` places `count`
+/// single-unit card orders of it through the gateway, once notification-svc knows both
+/// (their welcome mails reached `smtp`): a mail to an unknown contact fails for that
+/// reason too, which would make it a dead letter of another cause.
+pub async fn orders_of_a_new_customer(
+    stack: &Stack,
+    smtp: &SmtpServer,
+    count: usize,
+    key_prefix: &str,
+) -> Orders {
+    let (seller, _) = stack.account("sam", "seller").await;
+    let (customer, _) = stack.account("carol", "customer").await;
+    smtp.wait_for_to(&stack.email("sam"), 1).await;
+    smtp.wait_for_to(&stack.email("carol"), 1).await;
+    let response = stack
+        .api(Method::POST, "/products")
+        .bearer_auth(&seller)
+        .json(
+            &json!({"name": "Teapot", "description": "Holds tea.", "price_cents": 1250,
+                      "currency": "EUR", "initial_stock": 10}),
+        )
+        .send()
+        .await
+        .expect("create the product");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let product: Value = response.json().await.expect("json");
+    let ids = place_orders(stack, &customer, &product["id"], count, key_prefix).await;
+    Orders {
+        customer,
+        customer_email: stack.email("carol"),
+        ids,
+    }
+}
+
+/// Receipts mailed to `customer_email`, by order id (from the subject).
+pub fn receipts(smtp: &SmtpServer, customer_email: &str) -> Vec<String> {
+    smtp.messages_to(customer_email)
+        .into_iter()
+        .filter_map(|m| {
+            m.subject()
+                .strip_prefix("Your receipt for order ")
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 /// Places `count` single-unit card orders of `product_id` as `customer`, each under its own
 /// `Idempotency-Key` (`<key_prefix>-<n>`), retrying while order-svc does not know the
 /// product yet (422); returns their ids.
-pub async fn place_orders(
+async fn place_orders(
     stack: &Stack,
     customer: &str,
     product_id: &Value,

@@ -11,10 +11,10 @@
 use std::path::Path;
 use std::process::Stdio;
 
-use e2e::faults::{MissingReceiptTemplate, place_orders};
+use e2e::faults::{MissingReceiptTemplate, Orders, orders_of_a_new_customer, receipts};
 use e2e::{PASSWORD, Stack, StackOptions, Svc, WAIT};
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 use testkit::eventually;
 use testkit::smtp::SmtpServer;
 
@@ -117,21 +117,11 @@ async fn an_admin_replays_a_group_of_failed_receipts_in_the_console_and_sees_it_
     let admin_id = login["user"]["id"].as_str().expect("id").to_owned();
 
     // Orders are paid; their receipts fail for the missing template.
-    let (seller, _) = stack.account("sam", "seller").await;
-    let (customer, _) = stack.account("carol", "customer").await;
-    let customer_email = stack.email("carol");
-    let product = call(
-        &stack,
-        &seller,
-        Method::POST,
-        "/products",
-        Some(
-            json!({"name": "Teapot", "description": "Holds tea.", "price_cents": 1250,
-                    "currency": "EUR", "initial_stock": 10}),
-        ),
-    )
-    .await;
-    let mut orders = place_orders(&stack, &customer, &product["id"], ORDERS, "console").await;
+    let Orders {
+        customer_email,
+        ids: mut orders,
+        ..
+    } = orders_of_a_new_customer(&stack, &smtp, ORDERS, "console").await;
     let group = eventually("the receipts to be dead-lettered in one group", || async {
         let page = call(
             &stack,
@@ -270,16 +260,4 @@ async fn an_admin_replays_a_group_of_failed_receipts_in_the_console_and_sees_it_
     assert_eq!(entry["operator"], admin_id.as_str(), "{audit}");
     assert_eq!(entry["affected"].as_array().map(Vec::len), Some(ORDERS));
     assert_eq!(entry["result"], "done");
-}
-
-/// Receipts mailed to `customer`, by order id (from the subject).
-fn receipts(smtp: &SmtpServer, customer: &str) -> Vec<String> {
-    smtp.messages_to(customer)
-        .into_iter()
-        .filter_map(|m| {
-            m.subject()
-                .strip_prefix("Your receipt for order ")
-                .map(str::to_owned)
-        })
-        .collect()
 }

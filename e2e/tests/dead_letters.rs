@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use e2e::faults::{MissingReceiptTemplate, place_orders};
+use e2e::faults::{MissingReceiptTemplate, Orders, orders_of_a_new_customer, receipts};
 use e2e::{Stack, StackOptions, Svc};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -126,15 +126,7 @@ impl World {
 
     /// Receipts to `customer`, by order id (from the subject).
     fn receipts(&self, customer: &str) -> Vec<String> {
-        self.smtp
-            .messages_to(customer)
-            .into_iter()
-            .filter_map(|m| {
-                m.subject()
-                    .strip_prefix("Your receipt for order ")
-                    .map(str::to_owned)
-            })
-            .collect()
+        receipts(&self.smtp, customer)
     }
 
     /// Publishes events as their sources' outbox relays would: written to
@@ -186,23 +178,11 @@ async fn receipts_that_failed_for_a_missing_template_form_one_group_and_a_replay
         |_| {},
     )
     .await;
-    let (seller, _) = w.stack.account("sam", "seller").await;
-    let (customer, _) = w.stack.account("carol", "customer").await;
-    let customer_email = w.stack.email("carol");
-    let (status, product) = w
-        .call(
-            &seller,
-            Method::POST,
-            "/products",
-            Some(
-                json!({"name": "Teapot", "description": "Holds tea.", "price_cents": 1250,
-                        "currency": "EUR", "initial_stock": 10}),
-            ),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{product}");
-
-    let orders = place_orders(&w.stack, &customer, &product["id"], 3, "order").await;
+    let Orders {
+        customer,
+        customer_email,
+        ids: orders,
+    } = orders_of_a_new_customer(&w.stack, &w.smtp, 3, "order").await;
     for id in &orders {
         eventually("the order to be paid", || async {
             let (_, order) = w

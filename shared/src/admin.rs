@@ -262,6 +262,17 @@ pub struct Page<T> {
     pub unavailable: Vec<Unavailable>,
 }
 
+impl<T> Page<T> {
+    /// One service's own page: nothing can be missing from it.
+    fn local(items: Vec<T>, next_cursor: Option<String>) -> Self {
+        Self {
+            items,
+            next_cursor,
+            unavailable: Vec::new(),
+        }
+    }
+}
+
 /// Replay a selection (`ids`) or a whole group (`group`), exactly one of them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplayRequest {
@@ -687,11 +698,7 @@ async fn list_groups(
     let store = &state.store;
     let group_service = parsed.group.as_ref().and_then(|(s, _)| s.as_deref());
     if other_service(store, parsed.service.as_deref()) || other_service(store, group_service) {
-        return Ok(Json(Page {
-            items: Vec::new(),
-            next_cursor: None,
-            unavailable: Vec::new(),
-        }));
+        return Ok(Json(Page::local(Vec::new(), None)));
     }
     let mut groups: Vec<GroupView> = store
         .groups_matching(&parsed.filter)
@@ -701,11 +708,7 @@ async fn list_groups(
         .collect();
     sort_groups(&mut groups);
     let (items, next_cursor) = page_groups(groups, parsed.limit, parsed.cursor.as_ref());
-    Ok(Json(Page {
-        items,
-        next_cursor,
-        unavailable: Vec::new(),
-    }))
+    Ok(Json(Page::local(items, next_cursor)))
 }
 
 /// Dead letters, most recent failure first.
@@ -730,11 +733,7 @@ async fn list_messages(
     let store = &state.store;
     let group_service = parsed.group.as_ref().and_then(|(s, _)| s.as_deref());
     if other_service(store, parsed.service.as_deref()) || other_service(store, group_service) {
-        return Ok(Json(Page {
-            items: Vec::new(),
-            next_cursor: None,
-            unavailable: Vec::new(),
-        }));
+        return Ok(Json(Page::local(Vec::new(), None)));
     }
     let mut filter = parsed.filter;
     filter.after = match parsed.cursor {
@@ -756,11 +755,7 @@ async fn list_messages(
         .map(|d| message_view(store.service(), d))
         .collect();
     let (items, next_cursor) = merge_pages(vec![views], more, parsed.limit);
-    Ok(Json(Page {
-        items,
-        next_cursor,
-        unavailable: Vec::new(),
-    }))
+    Ok(Json(Page::local(items, next_cursor)))
 }
 
 /// The audit log of replays and discards, newest first.
@@ -784,11 +779,7 @@ async fn audit_log(
     let parsed = query(raw)?.parse()?;
     let store = &state.store;
     if other_service(store, parsed.service.as_deref()) {
-        return Ok(Json(Page {
-            items: Vec::new(),
-            next_cursor: None,
-            unavailable: Vec::new(),
-        }));
+        return Ok(Json(Page::local(Vec::new(), None)));
     }
     let mut filter = parsed.filter;
     filter.after = match parsed.cursor {
@@ -803,11 +794,7 @@ async fn audit_log(
         .map(|e| audit_view(store.service(), e))
         .collect();
     let (items, next_cursor) = merge_pages(vec![views], more, parsed.limit);
-    Ok(Json(Page {
-        items,
-        next_cursor,
-        unavailable: Vec::new(),
-    }))
+    Ok(Json(Page::local(items, next_cursor)))
 }
 
 /// The uuid of `<service>:<uuid>` (or a bare uuid) held by this service.
