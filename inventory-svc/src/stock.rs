@@ -193,23 +193,21 @@ pub async fn apply(
         // Callers change only rows they hold locked; a missing one is a bug.
         return Err(sqlx::Error::RowNotFound);
     }
-    let mut events = Vec::with_capacity(changed.len());
-    for (product_id, on_hand, reserved, version) in changed {
-        let event = StockChanged {
+    let events: Vec<StockChanged> = changed
+        .into_iter()
+        .map(|(product_id, on_hand, reserved, version)| StockChanged {
             product_id,
             on_hand,
             reserved,
             available: on_hand - reserved,
             version,
-        };
-        outbox
-            .enqueue(
-                &mut *conn,
-                entry.actor.cause(event.to_new(entry.correlation_id)),
-            )
-            .await?;
-        events.push(event);
-    }
+        })
+        .collect();
+    let messages = events
+        .iter()
+        .map(|event| entry.actor.cause(event.to_new(entry.correlation_id)))
+        .collect();
+    outbox.enqueue_all(&mut *conn, messages).await?;
     Ok(events)
 }
 

@@ -22,7 +22,7 @@ use lapin::{
     },
     types::{FieldTable, ShortString},
 };
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
@@ -444,22 +444,23 @@ impl Consumer {
         span.record("request_id", trace.request_id.as_deref().unwrap_or("-"));
 
         let work = async {
-            let mut tx = self.pool.begin().await?;
-            let inserted = sqlx::query(
-                "INSERT INTO processed_messages (message_id, handler) VALUES ($1, $2) \
-                 ON CONFLICT (message_id) DO NOTHING",
-            )
-            .bind(envelope.id)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                return Ok(Handled::Duplicate);
+            let mut conn = self.pool.acquire().await?;
+            let error = match conn.begin_with(begin_and_record(envelope.id, name)).await {
+                Ok(mut tx) => {
+                    handler.handle(&mut tx, &envelope).await?;
+                    tx.commit().await?;
+                    return Ok::<_, HandlerError>(Handled::Done);
+                }
+                Err(error) => error,
+            };
+            // The insert failed after the BEGIN: end the aborted transaction before the
+            // connection goes back to the pool.
+            sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
+            if is_unique_violation(&error) {
+                Ok(Handled::Duplicate)
+            } else {
+                Err(error.into())
             }
-            handler.handle(&mut tx, &envelope).await?;
-            tx.commit().await?;
-            Ok::<_, HandlerError>(Handled::Done)
         };
         let result = tokio::time::timeout(self.handler_timeout, trace.scope(work)).await;
         if let Ok(Ok(Handled::Done)) = &result
@@ -612,6 +613,20 @@ impl Consumer {
 }
 
 /// The message's id, or for a message that came without one, the hash of its body.
+/// Opens the transaction and records the message as handled in one round trip: a
+/// simple query cannot bind parameters, so the values are literals (a UUID and a
+/// handler name from the code). A duplicate fails on the primary key.
+fn begin_and_record(id: Uuid, handler: &'static str) -> sqlx::AssertSqlSafe<String> {
+    let handler = handler.replace('\'', "''");
+    sqlx::AssertSqlSafe(format!(
+        "BEGIN; INSERT INTO processed_messages (message_id, handler) VALUES ('{id}', '{handler}')"
+    ))
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
+}
+
 fn message_id(delivery: &Delivery) -> String {
     delivery
         .properties

@@ -61,44 +61,82 @@ impl Outbox {
         conn: &mut PgConnection,
         event: NewEvent,
     ) -> Result<Envelope, sqlx::Error> {
-        let envelope = event.into_envelope(&self.source);
-        let body = serde_json::to_vec(&envelope).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let mut envelopes = self.enqueue_all(conn, vec![event]).await?;
+        Ok(envelopes.remove(0))
+    }
+
+    /// Adds `events` to the outbox in one statement, to be published in this order.
+    pub async fn enqueue_all(
+        &self,
+        conn: &mut PgConnection,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Envelope>, sqlx::Error> {
         let trace = TraceContext::current().unwrap_or_else(TraceContext::new_root);
         let mut headers = Map::new();
         headers.insert(headers::TRACEPARENT.into(), trace.traceparent().into());
         if let Some(request_id) = &trace.request_id {
             headers.insert(headers::REQUEST_ID.into(), request_id.clone().into());
         }
-        insert(
-            conn,
-            &OutboxMessage {
+        let mut messages = Vec::with_capacity(events.len());
+        let mut envelopes = Vec::with_capacity(events.len());
+        for event in events {
+            let envelope = event.into_envelope(&self.source);
+            let body = serde_json::to_vec(&envelope).map_err(|e| sqlx::Error::Encode(e.into()))?;
+            messages.push(OutboxMessage {
                 message_id: envelope.id,
                 exchange: self.events_exchange.clone(),
                 routing_key: envelope.event_type.clone(),
                 event_type: envelope.event_type.clone(),
                 correlation_id: Some(envelope.correlation_id.to_string()),
-                headers,
+                headers: headers.clone(),
                 body,
-            },
-        )
-        .await?;
-        Ok(envelope)
+            });
+            envelopes.push(envelope);
+        }
+        insert_all(conn, &messages).await?;
+        Ok(envelopes)
     }
 }
 
 /// Adds a prepared message to the outbox (replays use this).
 pub async fn insert(conn: &mut PgConnection, message: &OutboxMessage) -> Result<(), sqlx::Error> {
+    insert_all(conn, std::slice::from_ref(message)).await
+}
+
+/// Adds prepared messages in one statement; `seq` follows their order.
+pub async fn insert_all(
+    conn: &mut PgConnection,
+    messages: &[OutboxMessage],
+) -> Result<(), sqlx::Error> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&OutboxMessage) -> String| messages.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO outbox (message_id, exchange, routing_key, event_type, correlation_id, \
-         headers, body) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         headers, body) \
+         SELECT id, ex, rk, et, ci, h, b FROM unnest($1::uuid[], $2::text[], $3::text[], \
+             $4::text[], $5::text[], $6::jsonb[], $7::bytea[]) WITH ORDINALITY \
+             AS m(id, ex, rk, et, ci, h, b, n) \
+         ORDER BY n",
     )
-    .bind(message.message_id)
-    .bind(&message.exchange)
-    .bind(&message.routing_key)
-    .bind(&message.event_type)
-    .bind(&message.correlation_id)
-    .bind(Value::Object(message.headers.clone()))
-    .bind(&message.body)
+    .bind(messages.iter().map(|m| m.message_id).collect::<Vec<_>>())
+    .bind(column(|m| m.exchange.clone()))
+    .bind(column(|m| m.routing_key.clone()))
+    .bind(column(|m| m.event_type.clone()))
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.correlation_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        messages
+            .iter()
+            .map(|m| Value::Object(m.headers.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(messages.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -297,10 +335,14 @@ impl Relay {
     }
 
     async fn publish_batch(&self, channel: &mut Option<Channel>) -> Result<i64, RelayError> {
+        // The rows are deleted as they are claimed; the delete commits only once the
+        // broker confirmed every one of them.
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT seq, message_id, exchange, routing_key, event_type, correlation_id, \
-             headers, body, created_at FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+        let mut rows: Vec<Row> = sqlx::query_as(
+            "DELETE FROM outbox WHERE seq IN \
+             (SELECT seq FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING seq, message_id, exchange, routing_key, event_type, correlation_id, \
+             headers, body, created_at",
         )
         .bind(self.batch_size)
         .fetch_all(&mut *tx)
@@ -308,25 +350,33 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
+        rows.sort_unstable_by_key(|r| r.seq);
         let claimed = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+        let all: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         let (published, failed) = match self.publish_rows(&rows, channel).await {
             Ok(results) => results,
             Err(error) => {
                 // The rows stay; say why, for whoever looks at a growing outbox.
-                let all: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-                mark_failed(&mut tx, &all, &error.to_string()).await?;
-                tx.commit().await?;
+                tx.rollback().await?;
+                mark_failed(&mut *self.pool.acquire().await?, &all, &error.to_string()).await?;
                 return Err(error);
             }
         };
-        sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-            .bind(&published)
-            .execute(&mut *tx)
-            .await?;
-        for (seq, error) in &failed {
-            mark_failed(&mut tx, &[*seq], error).await?;
+        if failed.is_empty() {
+            tx.commit().await?;
+        } else {
+            // Rare (a refused or unroutable message): keep the refused rows, drop the rest.
+            tx.rollback().await?;
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
+                .bind(&published)
+                .execute(&mut *tx)
+                .await?;
+            for (seq, error) in &failed {
+                mark_failed(&mut tx, &[*seq], error).await?;
+            }
+            tx.commit().await?;
         }
-        tx.commit().await?;
 
         let now = Utc::now();
         for row in rows.iter().filter(|r| published.contains(&r.seq)) {
