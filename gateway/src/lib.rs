@@ -38,6 +38,25 @@ pub const SERVICE: &str = "gateway";
 
 pub type UpstreamClient = Client<HttpConnector, Body>;
 
+thread_local! {
+    /// One pool per event loop: a pooled connection is driven by a task on the loop that
+    /// opened it, so sharing pools would hand requests between threads.
+    static UPSTREAM: UpstreamClient = {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector)
+    };
+}
+
+/// The upstream client of the event loop the caller runs on.
+fn upstream_client() -> UpstreamClient {
+    UPSTREAM.with(Clone::clone)
+}
+
 /// Shared by every request; axum clones the state per request, so it is one `Arc`.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -51,7 +70,6 @@ impl std::ops::Deref for AppState {
 }
 
 pub struct Inner {
-    client: UpstreamClient,
     upstreams: HashMap<Upstream, String>,
     verifier: Verifier,
     limiter: Option<RateLimiter>,
@@ -205,13 +223,6 @@ impl Application {
         };
         let infra = Infra::connect(SERVICE, &settings, needs).await?;
         let upstreams = upstream_urls(&settings);
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client: UpstreamClient = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         let trusted_proxies = settings
             .gateway
             .trusted_proxies
@@ -243,7 +254,6 @@ impl Application {
             })
             .collect();
         let state = AppState(Arc::new(Inner {
-            client,
             docs: docs::Docs::new(upstreams.clone(), probe),
             upstreams,
             verifier: Verifier::remote(&settings),
@@ -260,8 +270,13 @@ impl Application {
             router = router.layer(cors);
         }
         let router = router.layer(axum::middleware::from_fn(security_headers));
+        let event_loops = match settings.gateway.event_loops {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
         let work = Work {
             checks,
+            event_loops,
             ..Work::default()
         };
         let service = Service::start(infra, settings.gateway.port, router, work).await?;

@@ -382,9 +382,9 @@ pub struct GatewaySettings {
     pub rate_limit: RateLimitSettings,
     /// Trust `X-Forwarded-For` from these peer addresses (a load balancer in front).
     pub trusted_proxies: Vec<String>,
-    /// 0: one event-loop thread, like an nginx worker (scale by running more gateways);
-    /// N: a work-stealing runtime with N threads.
-    pub worker_threads: usize,
+    /// Event loops, each a thread of its own with its own connections, like nginx's
+    /// workers; 0: one per core.
+    pub event_loops: usize,
 }
 
 impl Default for GatewaySettings {
@@ -397,7 +397,7 @@ impl Default for GatewaySettings {
             cors_origins: Vec::new(),
             rate_limit: RateLimitSettings::default(),
             trusted_proxies: Vec::new(),
-            worker_threads: 0,
+            event_loops: 0,
         }
     }
 }

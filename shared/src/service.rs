@@ -105,6 +105,8 @@ pub struct Service {
     workers: TaskTracker,
     relay_stop: CancellationToken,
     relay: Option<JoinHandle<()>>,
+    /// Listeners of the event loops beyond the first.
+    more_listeners: Vec<std::net::TcpListener>,
 }
 
 /// A task of the service's own (a sweeper, a scheduler), given the shutdown token: it
@@ -120,6 +122,11 @@ pub struct Work {
     /// More for `/ready` to check, besides the service's own connections.
     pub checks: Vec<Check>,
     pub background: Vec<Background>,
+    /// HTTP event loops; 0 and 1 both mean one, on the runtime `run_until_stopped` is
+    /// awaited on. More are each a single-threaded runtime on its own thread with its
+    /// own socket on the same port (`SO_REUSEPORT`), so the kernel spreads connections
+    /// over them and a connection's requests stay on one thread, as in nginx's workers.
+    pub event_loops: usize,
 }
 
 impl Service {
@@ -193,12 +200,19 @@ impl Service {
             workers.spawn(task(shutdown.child_token()));
         }
 
-        let address = (settings.http.host.as_str(), port);
-        let listener = TcpListener::bind(address)
+        let loops = work.event_loops.max(1);
+        let listener = bind(&settings.http.host, port, loops > 1)
             .await
             .with_context(|| format!("binding {}:{port}", settings.http.host))?;
         let address = listener.local_addr()?;
         let port = address.port();
+        let mut more_listeners = Vec::with_capacity(loops - 1);
+        for _ in 1..loops {
+            let more = bind(&settings.http.host, port, true)
+                .await
+                .with_context(|| format!("binding {address} for another event loop"))?;
+            more_listeners.push(more.into_std()?);
+        }
         let router = match &infra.pool {
             Some(_) => router.merge(dead_letter_admin(&infra, address, &workers, &shutdown)?),
             None => router,
@@ -218,6 +232,7 @@ impl Service {
             workers,
             relay_stop,
             relay,
+            more_listeners,
         })
     }
 
@@ -245,11 +260,48 @@ impl Service {
         let app = self
             .router
             .into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let served = axum::serve(self.listener, app)
+        let mut loops = Vec::with_capacity(self.more_listeners.len());
+        for (i, listener) in self.more_listeners.into_iter().enumerate() {
+            let app = app.clone();
+            let stopped = self.shutdown.clone().cancelled_owned();
+            let stopped_tick = self.shutdown.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("http-loop-{}", i + 1))
+                .spawn(move || -> anyhow::Result<()> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    runtime.block_on(async move {
+                        tokio::spawn(keep_timer_armed(stopped_tick));
+                        let listener = TcpListener::from_std(listener)?;
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stopped)
+                            .await
+                    })?;
+                    Ok(())
+                })
+                .context("starting an HTTP event loop")
+                .inspect_err(|_| self.shutdown.cancel())?;
+            loops.push(thread);
+        }
+        tokio::spawn(keep_timer_armed(self.shutdown.clone()));
+        let mut served = axum::serve(self.listener, app)
             .with_graceful_shutdown(stop)
-            .await;
-        // The HTTP side stopped (or failed): stop consumers too, whatever the reason.
+            .await
+            .map_err(anyhow::Error::from);
+        // The HTTP side stopped (or failed): stop the other loops and the consumers too,
+        // whatever the reason.
         self.shutdown.cancel();
+        for thread in loops {
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            let result = match joined {
+                Ok(Ok(result)) => result,
+                _ => Err(anyhow::anyhow!("an HTTP event loop panicked")),
+            };
+            if served.is_ok() {
+                served = result;
+            }
+        }
         self.workers.close();
         self.workers.wait().await;
         self.relay_stop.cancel();
@@ -265,6 +317,41 @@ impl Service {
         tracing::info!(service = self.infra.name, "stopped");
         served.context("serving HTTP")
     }
+}
+
+/// Every request starts timeouts (the request's, the upstream's). Tokio wakes its
+/// driver through an eventfd write whenever a new timer is due before the driver's next
+/// planned wake-up (tokio-rs/tokio#5207): on an idle timer wheel that is every request.
+/// A timer always due within a second keeps that wake-up near, so request timeouts of a
+/// second or more cost no system call.
+async fn keep_timer_armed(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// A listening socket; `shared` lets other sockets listen on the same port.
+async fn bind(host: &str, port: u16, shared: bool) -> anyhow::Result<TcpListener> {
+    if !shared {
+        return Ok(TcpListener::bind((host, port)).await?);
+    }
+    let address = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    let socket = match address {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(address)?;
+    Ok(socket.listen(1024)?)
 }
 
 /// The dead-letter admin routes of a service with a database, and the tasks behind
