@@ -16,6 +16,7 @@ pub mod cli;
 pub mod commits;
 pub mod floor;
 mod load;
+pub mod machine;
 mod progress;
 pub mod report;
 mod setup;
@@ -168,7 +169,9 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Report> {
         None
     };
 
+    let cpu_before = machine::CpuTimes::now();
     let outcome = load::drive(target, options, &world, &dbs, &progress).await?;
+    let machine = machine::Machine::between(cpu_before, machine::CpuTimes::now(), &dbs.order).await;
 
     let commits = match commits_before {
         Some(before) => {
@@ -182,7 +185,7 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Report> {
     let scope = outcome.scope(&world);
     let violations = check::settled(&dbs, &scope, options.settle_timeout).await?;
     progress.done();
-    Ok(Report::new(
-        target, options, &world, outcome, commits, scope, violations,
-    ))
+    let mut report = Report::new(target, options, &world, outcome, commits, scope, violations);
+    report.machine = Some(machine);
+    Ok(report)
 }

@@ -9,6 +9,7 @@ use crate::check::{Scope, Violation};
 use crate::commits::Commits;
 use crate::floor::Floor;
 use crate::load::{Kind, Outcome, Schedule};
+use crate::machine::Machine;
 use crate::setup::World;
 use crate::{Load, Options, Stop, Target};
 
@@ -38,6 +39,8 @@ pub struct Report {
     pub unexpected: u64,
     pub commits: Option<Commits>,
     pub floor: Option<FloorComparison>,
+    /// How busy the machine was and what the host took, during the load.
+    pub machine: Option<Machine>,
     pub violations: Vec<Violation>,
     /// What was checked (not in the JSON: it lists every id).
     #[serde(skip)]
@@ -248,6 +251,7 @@ impl Report {
             unexpected,
             commits,
             floor: None,
+            machine: None,
             violations,
             scope,
         }
@@ -320,6 +324,9 @@ impl Report {
             r.products,
             r.seed
         );
+        if let Some(machine) = &self.machine {
+            let _ = writeln!(s, "  machine   {}", machine.summary());
+        }
         if let Some(sc) = &self.schedule {
             let _ = writeln!(
                 s,
