@@ -52,9 +52,9 @@ thread_local! {
     };
 }
 
-/// The upstream client of the event loop the caller runs on.
-fn upstream_client() -> UpstreamClient {
-    UPSTREAM.with(Clone::clone)
+/// Sends `request` on the pool of the event loop the caller runs on.
+fn send_upstream(request: axum::http::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+    UPSTREAM.with(|client| client.request(request))
 }
 
 /// Shared by every request; axum clones the state per request, so it is one `Arc`.

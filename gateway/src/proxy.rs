@@ -308,7 +308,7 @@ pub async fn forward(
 
     let started = Instant::now();
     let timeout = Duration::from_millis(state.settings.upstream_timeout_ms);
-    let result = tokio::time::timeout(timeout, crate::upstream_client().request(outgoing)).await;
+    let result = tokio::time::timeout(timeout, crate::send_upstream(outgoing)).await;
     let outcome = match &result {
         Ok(Ok(response)) => response.status().as_u16().to_string(),
         Ok(Err(_)) => "error".to_owned(),

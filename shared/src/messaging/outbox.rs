@@ -352,12 +352,12 @@ impl Relay {
         }
         rows.sort_unstable_by_key(|r| r.seq);
         let claimed = i64::try_from(rows.len()).unwrap_or(i64::MAX);
-        let all: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         let (published, failed) = match self.publish_rows(&rows, channel).await {
             Ok(results) => results,
             Err(error) => {
                 // The rows stay; say why, for whoever looks at a growing outbox.
                 tx.rollback().await?;
+                let all: Vec<i64> = rows.iter().map(|r| r.seq).collect();
                 mark_failed(&mut *self.pool.acquire().await?, &all, &error.to_string()).await?;
                 return Err(error);
             }
