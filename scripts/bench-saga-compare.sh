@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Two builds of the system, compared on one machine: each round starts each build with
+# `commerce up` on freshly created databases and runs the same closed loop of sagas, in
+# the order A, B, A, B, … so that drift of the machine touches both alike.
+#
+#   scripts/bench-saga-compare.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS]
+#
+# A bin dir holds a release build's binaries (commerce and every service), e.g. copied
+# from target/release. The namespace is `benchcmp` (its databases are dropped and
+# recreated each run); the system's default ports must be free (stop `make up` first).
+# Needs psql and curl; the bench itself is the NEW build's `commerce bench`.
+set -euo pipefail
+[ $# -ge 2 ] || { sed -n 2,10p "$0"; exit 2; }
+A=$(cd "$1" && pwd); B=$(cd "$2" && pwd); ROUNDS=${3:-2}
+export COMMERCE__NAMESPACE=benchcmp COMMERCE__GATEWAY__RATE_LIMIT__ENABLED=false
+PG=(psql -h 127.0.0.1 -U postgres -Atq)
+
+stop() { pkill -TERM -f "^$1/" || true; for _ in $(seq 60); do pgrep -f "^$1/" >/dev/null || return 0; sleep 1; done; }
+drop_dbs() {
+  for db in $("${PG[@]}" -c "SELECT datname FROM pg_database WHERE datname LIKE 'benchcmp\_%'"); do
+    "${PG[@]}" -c "DROP DATABASE $db WITH (FORCE)"
+  done
+}
+trap 'stop "$A"; stop "$B"; drop_dbs' EXIT
+
+for round in $(seq 1 "$ROUNDS"); do
+  for bin in "$A" "$B"; do
+    drop_dbs
+    "$bin/commerce" up --bin-dir "$bin" >"/tmp/bench-saga-compare-up.log" 2>&1 &
+    for _ in $(seq 120); do curl -fs localhost:8080/ready >/dev/null 2>&1 && break; sleep 1; done
+    echo "== round $round: $bin"
+    "$B/commerce" bench --concurrency 16 --duration 20s --no-commits 2>&1 |
+      grep -E "machine|rate|202 → paid|invariants|violation"
+    stop "$bin"
+  done
+done
