@@ -187,7 +187,8 @@ impl Drop for TestEnv {
 
 async fn cleanup(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
     use sqlx::Connection as _;
-    let mut pg = sqlx::PgConnection::connect(&settings.postgres.database_url("postgres")).await?;
+    let url = settings.postgres.database_url("postgres");
+    let mut pg = when_slots_free(|| async { Ok(sqlx::PgConnection::connect(&url).await?) }).await?;
     let databases: Vec<String> =
         sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
             .bind(format!("{namespace}_"))
@@ -229,9 +230,37 @@ async fn cleanup(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
     note(result.await);
     note(amqp.close(200, "cleanup".into()).await.map_err(Into::into));
     for database in &databases {
-        note(shared::db::drop_database(&settings.postgres, database).await);
+        note(when_slots_free(|| shared::db::drop_database(&settings.postgres, database)).await);
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Retries `op` while PostgreSQL is out of connection slots (SQLSTATE 53300): tests
+/// running in parallel fill them for moments, and a cleanup that gave up then left its
+/// databases behind.
+async fn when_slots_free<T, F, Fut>(mut op: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Err(error) if too_many_clients(&error) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            done => return done,
+        }
+    }
+}
+
+fn too_many_clients(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("53300"))
+    })
 }
 
 /// Polls `check` until it gives `Some`, failing the test after [`DEADLINE`].
