@@ -244,6 +244,9 @@ pub async fn forward(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|length| length > limit) {
+        if declared.is_some_and(|length| length <= shared::http::DRAIN_LIMIT) {
+            shared::http::drain(body).await;
+        }
         return problem(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the request body is larger than {limit} bytes"),
@@ -303,7 +306,7 @@ pub async fn forward(
     }
     parts.uri = uri;
     parts.version = axum::http::Version::HTTP_11;
-    let body = Body::new(Limited::new(body, limit));
+    let body = Body::new(Capped::new(body, limit));
     let outgoing = axum::http::Request::from_parts(parts, body);
 
     let started = Instant::now();
@@ -378,10 +381,69 @@ async fn buffer_small(response: axum::http::Response<hyper::body::Incoming>) -> 
     }
 }
 
+/// A body cut off at `limit` bytes, like `Limited`, except that past the limit it reads
+/// the rest of the client's body (up to [`shared::http::DRAIN_LIMIT`]) before failing,
+/// so the client, still writing, reads the 413 instead of a reset connection.
+struct Capped {
+    inner: Body,
+    limit: usize,
+    read: usize,
+}
+
+impl Capped {
+    fn new(inner: Body, limit: usize) -> Self {
+        Self {
+            inner,
+            limit,
+            read: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body too large")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+impl hyper::body::Body for Capped {
+    type Data = axum::body::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        loop {
+            let over = self.read > self.limit;
+            let frame = match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) if over => return Poll::Ready(Some(Err(BodyTooLarge.into()))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            self.read += frame.data_ref().map_or(0, |d| d.len());
+            if self.read <= self.limit {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if self.read > shared::http::DRAIN_LIMIT {
+                return Poll::Ready(Some(Err(BodyTooLarge.into())));
+            }
+        }
+    }
+}
+
 fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
+        if e.is::<http_body_util::LengthLimitError>() || e.is::<BodyTooLarge>() {
             return true;
         }
         source = e.source();

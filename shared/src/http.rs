@@ -207,6 +207,28 @@ struct Common {
     body_limit: usize,
 }
 
+/// A refused request body up to this size is read to its end before the answer goes
+/// out; a larger one gets the answer and a closed connection.
+pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Reads and discards what is left of a body that was refused (at most [`DRAIN_LIMIT`]
+/// bytes, for at most 5 s), as nginx's lingering close does. A client still writing it
+/// then reads the 413 instead of a reset connection.
+pub async fn drain(body: axum::body::Body) {
+    use futures_util::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut read = 0;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            read += chunk.len();
+            if read > DRAIN_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// One middleware for what every request gets (each extra layer is one more boxed
 /// service cloned per request): request id and trace context, a body size limit, a time
 /// limit, the access log line and the HTTP metrics.
@@ -245,6 +267,9 @@ async fn request_context(State(common): State<Arc<Common>>, req: Request, next: 
         .and_then(|v| v.parse::<usize>().ok());
     let handle = async {
         if declared.is_some_and(|length| length > common.body_limit) {
+            if declared.is_some_and(|length| length <= DRAIN_LIMIT) {
+                drain(req.into_body()).await;
+            }
             return Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Some(format!(
