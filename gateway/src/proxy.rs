@@ -244,9 +244,7 @@ pub async fn forward(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|length| length > limit) {
-        if declared.is_some_and(|length| length <= shared::http::DRAIN_LIMIT) {
-            shared::http::drain(body).await;
-        }
+        shared::http::drain(body, declared).await;
         return problem(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the request body is larger than {limit} bytes"),

@@ -213,9 +213,13 @@ pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Reads and discards what is left of a body that was refused (at most [`DRAIN_LIMIT`]
 /// bytes, for at most 5 s), as nginx's lingering close does. A client still writing it
-/// then reads the 413 instead of a reset connection.
-pub async fn drain(body: axum::body::Body) {
+/// then reads the 413 instead of a reset connection. A body declared larger than that
+/// is not read at all.
+pub async fn drain(body: axum::body::Body, declared: Option<usize>) {
     use futures_util::StreamExt as _;
+    if declared.is_some_and(|length| length > DRAIN_LIMIT) {
+        return;
+    }
     let mut stream = body.into_data_stream();
     let mut read = 0;
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -267,9 +271,7 @@ async fn request_context(State(common): State<Arc<Common>>, req: Request, next: 
         .and_then(|v| v.parse::<usize>().ok());
     let handle = async {
         if declared.is_some_and(|length| length > common.body_limit) {
-            if declared.is_some_and(|length| length <= DRAIN_LIMIT) {
-                drain(req.into_body()).await;
-            }
+            drain(req.into_body(), declared).await;
             return Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Some(format!(
