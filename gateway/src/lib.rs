@@ -71,6 +71,7 @@ impl std::ops::Deref for AppState {
 
 pub struct Inner {
     upstreams: HashMap<Upstream, String>,
+    targets: HashMap<Upstream, proxy::Target>,
     verifier: Verifier,
     limiter: Option<RateLimiter>,
     settings: GatewaySettings,
@@ -78,6 +79,7 @@ pub struct Inner {
     /// Body limit for everything but image uploads.
     body_limit: usize,
     docs: docs::Docs,
+    upstream_metrics: proxy::UpstreamMetrics,
 }
 
 fn upstream_urls(settings: &Settings) -> HashMap<Upstream, String> {
@@ -136,37 +138,45 @@ fn api_routes(state: AppState) -> Router {
 
 /// API answers are data for programs, never documents to render or frame; the docs page
 /// is a document and needs its own scripts and styles.
-const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
-const DOCS_CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
-     script-src 'self'; frame-ancestors 'none'";
+const API_CSP: HeaderValue = HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'");
+const DOCS_CSP: HeaderValue = HeaderValue::from_static(
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
+     script-src 'self'; frame-ancestors 'none'",
+);
 
-/// Security headers on every response that does not set its own (one middleware rather
-/// than a layer per header: each layer costs a boxed clone per request).
+/// Security headers on every response that does not set its own, besides the CSP.
+const SECURITY_HEADERS: [(HeaderName, HeaderValue); 5] = [
+    (
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    ),
+    (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+    (
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    ),
+    (
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=63072000; includeSubDomains"),
+    ),
+    (
+        HeaderName::from_static("cross-origin-opener-policy"),
+        HeaderValue::from_static("same-origin"),
+    ),
+];
+
+/// The security headers (one middleware rather than a layer per header: each layer costs
+/// a boxed clone per request).
 async fn security_headers(request: Request, next: Next) -> Response {
     let docs = request.uri().path().starts_with("/api/v1/docs");
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    let set = [
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
-        (
-            header::STRICT_TRANSPORT_SECURITY,
-            "max-age=63072000; includeSubDomains",
-        ),
-        (
-            HeaderName::from_static("cross-origin-opener-policy"),
-            "same-origin",
-        ),
-        (
-            header::CONTENT_SECURITY_POLICY,
-            if docs { DOCS_CSP } else { API_CSP },
-        ),
-    ];
-    for (name, value) in set {
-        headers
-            .entry(name)
-            .or_insert(HeaderValue::from_static(value));
+    let csp = if docs { DOCS_CSP } else { API_CSP };
+    for (name, value) in SECURITY_HEADERS
+        .into_iter()
+        .chain([(header::CONTENT_SECURITY_POLICY, csp)])
+    {
+        headers.entry(name).or_insert(value);
     }
     response
 }
@@ -253,14 +263,20 @@ impl Application {
                 client: probe.clone(),
             })
             .collect();
+        let targets = upstreams
+            .iter()
+            .map(|(u, base)| Ok((*u, proxy::Target::parse(base)?)))
+            .collect::<anyhow::Result<_>>()?;
         let state = AppState(Arc::new(Inner {
             docs: docs::Docs::new(upstreams.clone(), probe),
             upstreams,
+            targets,
             verifier: Verifier::remote(&settings),
             limiter,
             settings: settings.gateway.clone(),
             trusted_proxies,
             body_limit,
+            upstream_metrics: proxy::UpstreamMetrics::default(),
         }));
         let mut router = api_routes(state.clone())
             .merge(admin::router(state.clone()))

@@ -2,11 +2,13 @@
 //! against the rate limits, then stream the body up and the response back, with the
 //! hop-by-hop and internal headers removed.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt as _, Limited};
@@ -65,6 +67,60 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_COMMERCE_USER_ID: HeaderName = HeaderName::from_static("x-commerce-user-id");
+
+/// A service's base URL, parsed once: the request's path and query are put after it.
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path without its trailing slash; usually empty.
+    prefix: String,
+}
+
+impl Target {
+    pub fn parse(base: &str) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let parts = base
+            .parse::<Uri>()
+            .with_context(|| format!("{base:?} is not a URL"))?
+            .into_parts();
+        Ok(Self {
+            scheme: parts
+                .scheme
+                .with_context(|| format!("{base:?} has no scheme"))?,
+            authority: parts
+                .authority
+                .with_context(|| format!("{base:?} has no host"))?,
+            prefix: parts
+                .path_and_query
+                .map(|p| p.path().trim_end_matches('/').to_owned())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// The service's URI for a request to `path_and_query` at the gateway.
+    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Option<Uri> {
+        let path_and_query = match (path_and_query, self.prefix.is_empty()) {
+            (Some(p), true) => p.clone(),
+            (p, _) => {
+                let rest = p.map_or("/", PathAndQuery::as_str);
+                format!("{}{rest}", self.prefix).parse().ok()?
+            }
+        };
+        let mut parts = axum::http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).ok()
+    }
+}
+
 /// Identity and routing headers only the gateway may set.
 fn is_internal(name: &HeaderName) -> bool {
     let name = name.as_str();
@@ -115,17 +171,51 @@ fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
 
 fn rate_limit_headers(headers: &mut HeaderMap, decision: &Decision) {
     let pairs = [
-        ("ratelimit-limit", decision.limit.to_string()),
-        ("ratelimit-remaining", decision.remaining.to_string()),
+        (RATELIMIT_LIMIT, HeaderValue::from(decision.limit)),
+        (RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)),
         (
-            "ratelimit-reset",
-            decision.reset.as_secs().max(1).to_string(),
+            RATELIMIT_RESET,
+            HeaderValue::from(decision.reset.as_secs().max(1)),
         ),
     ];
     for (name, value) in pairs {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(name), value);
-        }
+        headers.insert(name, value);
+    }
+}
+
+/// How a call to a service ended, as the `status` label of its duration.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Outcome {
+    Status(u16),
+    Error,
+    Timeout,
+}
+
+/// The duration histogram of each (service, outcome), looked up once rather than
+/// registered again with fresh labels on every call.
+#[derive(Default)]
+pub struct UpstreamMetrics {
+    durations: std::sync::Mutex<HashMap<(Upstream, Outcome), metrics::Histogram>>,
+}
+
+impl UpstreamMetrics {
+    fn record(&self, upstream: Upstream, outcome: Outcome, elapsed: Duration) {
+        let mut durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+        durations
+            .entry((upstream, outcome))
+            .or_insert_with(|| {
+                let status = match outcome {
+                    Outcome::Status(code) => code.to_string(),
+                    Outcome::Error => "error".to_owned(),
+                    Outcome::Timeout => "timeout".to_owned(),
+                };
+                metrics::histogram!(
+                    "gateway_upstream_duration_seconds",
+                    "upstream" => upstream.name(),
+                    "status" => status
+                )
+            })
+            .record(elapsed.as_secs_f64());
     }
 }
 
@@ -251,14 +341,13 @@ pub async fn forward(
         );
     }
 
-    let Some(base) = state.upstreams.get(&upstream) else {
+    let Some(target) = state.targets.get(&upstream) else {
         return problem(
             StatusCode::BAD_GATEWAY,
             format!("no address for {}", upstream.name()),
         );
     };
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = format!("{base}{path_and_query}").parse::<Uri>() else {
+    let Some(uri) = target.uri(parts.uri.path_and_query()) else {
         return problem(StatusCode::BAD_REQUEST, "the request path is not valid");
     };
     let original_host = parts.headers.get(header::HOST).cloned();
@@ -275,32 +364,29 @@ pub async fn forward(
     parts.headers.remove(header::HOST);
     let headers = &mut parts.headers;
     if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = original_host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
     if let Some(trace) = TraceContext::current() {
         if let Ok(value) = HeaderValue::from_str(&trace.traceparent()) {
-            headers.insert(HeaderName::from_static("traceparent"), value);
+            headers.insert(shared::http::TRACEPARENT, value);
         }
         if let Some(id) = trace
             .request_id
             .as_deref()
             .and_then(|id| HeaderValue::from_str(id).ok())
         {
-            headers.insert(HeaderName::from_static("x-request-id"), id);
+            headers.insert(shared::http::REQUEST_ID, id);
         }
     }
     if let Some(claims) = &claims
         && let Ok(value) = HeaderValue::from_str(&claims.sub.to_string())
     {
         // For the services' logs only: they verify the token themselves.
-        headers.insert(HeaderName::from_static("x-commerce-user-id"), value);
+        headers.insert(X_COMMERCE_USER_ID, value);
     }
     parts.uri = uri;
     parts.version = axum::http::Version::HTTP_11;
@@ -311,12 +397,13 @@ pub async fn forward(
     let timeout = Duration::from_millis(state.settings.upstream_timeout_ms);
     let result = tokio::time::timeout(timeout, crate::send_upstream(outgoing)).await;
     let outcome = match &result {
-        Ok(Ok(response)) => response.status().as_u16().to_string(),
-        Ok(Err(_)) => "error".to_owned(),
-        Err(_) => "timeout".to_owned(),
+        Ok(Ok(response)) => Outcome::Status(response.status().as_u16()),
+        Ok(Err(_)) => Outcome::Error,
+        Err(_) => Outcome::Timeout,
     };
-    metrics::histogram!("gateway_upstream_duration_seconds", "upstream" => upstream.name(), "status" => outcome)
-        .record(started.elapsed().as_secs_f64());
+    state
+        .upstream_metrics
+        .record(upstream, outcome, started.elapsed());
 
     let mut response = match result {
         Ok(Ok(response)) => buffer_small(response).await,
@@ -452,6 +539,24 @@ fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_goes_to_the_same_path_and_query_under_the_service_base_url() {
+        let pq = |s: &str| s.parse::<PathAndQuery>().expect("path");
+        let plain = Target::parse("http://127.0.0.1:8081").expect("base");
+        assert_eq!(
+            plain.uri(Some(&pq("/api/v1/users/me?x=1"))).expect("uri"),
+            "http://127.0.0.1:8081/api/v1/users/me?x=1"
+        );
+        assert_eq!(plain.uri(None).expect("uri"), "http://127.0.0.1:8081/");
+
+        let prefixed = Target::parse("https://svc.internal/user/").expect("base");
+        assert_eq!(
+            prefixed.uri(Some(&pq("/api/v1/users/me"))).expect("uri"),
+            "https://svc.internal/user/api/v1/users/me"
+        );
+        assert!(Target::parse("127.0.0.1:8081/no-scheme").is_err());
+    }
 
     #[test]
     fn the_client_address_comes_from_forwarded_headers_only_behind_a_trusted_proxy() {

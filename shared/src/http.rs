@@ -2,13 +2,14 @@
 //! rejections are problem+json too, the request-context middleware (request id, trace
 //! context, access log, metrics) and the health, readiness and metrics routes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::{
     Router,
     extract::{FromRequest, MatchedPath, Request, State, rejection::JsonRejection},
-    http::{HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
@@ -205,6 +206,77 @@ struct Common {
     service: Arc<str>,
     timeout: Duration,
     body_limit: usize,
+    metrics: RequestMetrics,
+}
+
+/// The HTTP metric handles of each (route, method, status), looked up once: registering
+/// a labelled metric builds, sorts and hashes its labels, which per request cost the
+/// gateway more than parsing the request.
+#[derive(Default)]
+struct RequestMetrics {
+    by_route: std::sync::Mutex<HashMap<Arc<str>, Vec<RouteMetrics>>>,
+}
+
+#[derive(Clone)]
+struct RouteMetrics {
+    method: &'static str,
+    status: u16,
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    fn record(&self, service: &str, route: &str, method: &Method, status: u16, elapsed: Duration) {
+        let method = method_label(method);
+        let found = {
+            let by_route = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+            by_route.get(route).and_then(|entries| {
+                entries
+                    .iter()
+                    .find(|m| m.method == method && m.status == status)
+                    .cloned()
+            })
+        };
+        let handles = found.unwrap_or_else(|| {
+            let labels = [
+                ("service", service.to_owned()),
+                ("method", method.to_owned()),
+                ("route", route.to_owned()),
+                ("status", status.to_string()),
+            ];
+            let handles = RouteMetrics {
+                method,
+                status,
+                requests: metrics::counter!("http_requests_total", &labels),
+                duration: metrics::histogram!("http_request_duration_seconds", &labels),
+            };
+            let mut by_route = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+            by_route
+                .entry(Arc::from(route))
+                .or_default()
+                .push(handles.clone());
+            handles
+        });
+        handles.requests.increment(1);
+        handles.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+/// The method as a metric label. Clients can send any token as a method; those outside
+/// RFC 9110's set share one label so they cannot multiply the series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// A refused request body up to this size is read to its end before the answer goes
@@ -247,10 +319,8 @@ async fn request_context(State(common): State<Arc<Common>>, req: Request, next: 
         .map(|parent| parent.child())
         .unwrap_or_else(TraceContext::new_root)
         .with_request_id(Some(request_id.clone()));
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = req.method().clone();
     // `correlation_id` is filled in by a handler that knows the saga (order-svc's POST
     // /orders), so one id finds the request and every event it caused.
@@ -306,15 +376,10 @@ async fn request_context(State(common): State<Arc<Common>>, req: Request, next: 
     if let Ok(value) = HeaderValue::from_str(&traceparent) {
         response.headers_mut().insert(TRACEPARENT, value);
     }
-    let probe = is_probe(&route);
-    let labels = [
-        ("service", service.to_string()),
-        ("method", method.to_string()),
-        ("route", route),
-        ("status", status.as_u16().to_string()),
-    ];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    let probe = is_probe(route);
+    common
+        .metrics
+        .record(service, route, &method, status.as_u16(), elapsed);
     let _enter = span.enter();
     let elapsed_ms = elapsed.as_millis() as u64;
     if status.is_server_error() {
@@ -349,10 +414,13 @@ pub fn with_common_layers(
     service: &str,
     settings: &crate::config::HttpSettings,
 ) -> Router {
+    // Installed before the first request caches its handles.
+    crate::metrics::handle();
     let common = Arc::new(Common {
         service: service.into(),
         timeout: Duration::from_millis(settings.request_timeout_ms),
         body_limit: settings.body_limit_bytes,
+        metrics: RequestMetrics::default(),
     });
     router
         .fallback(not_found)
