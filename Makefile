@@ -10,7 +10,7 @@ TEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help up test fmt lint check infra browser bench bench-hop bench-gateway bench-catalog bench-reservations check-broker-restart
+.PHONY: help up test fmt lint check infra browser bench bench-hop bench-gateway gateway-instructions bench-catalog bench-reservations check-broker-restart
 
 help: ## List the targets
 	@echo "Commerce make targets:"
@@ -56,6 +56,9 @@ bench-hop: infra ## Benchmark one message hop through the broker
 
 bench-gateway: infra ## Gateway vs direct vs nginx for a small GET
 	scripts/bench-gateway.sh
+
+gateway-instructions: infra ## Instructions per proxied request (callgrind); GATEWAY_BIN=path to count another build
+	scripts/gateway-instructions.sh $(GATEWAY_BIN)
 
 bench-catalog: infra ## GET /products/{id} through the gateway, cache warm vs off
 	scripts/bench-catalog.sh

@@ -746,21 +746,37 @@ mod tests {
             &crate::config::HttpSettings::default(),
         );
         let id = Uuid::now_v7();
-        for path in [format!("/things/{id}"), format!("/nowhere/{id}")] {
+        // The second request to a route is counted through the handles the first cached.
+        for path in [
+            format!("/things/{id}"),
+            format!("/things/{}", Uuid::now_v7()),
+            format!("/nowhere/{id}"),
+        ] {
             let request = Request::get(path).body(Body::empty()).expect("request");
             app.clone().oneshot(request).await.expect("infallible");
         }
+        let request = Request::builder()
+            .method(Method::from_bytes(b"PURGE").expect("method"))
+            .uri(format!("/things/{id}"))
+            .body(Body::empty())
+            .expect("request");
+        app.clone().oneshot(request).await.expect("infallible");
         let text = crate::metrics::render();
         let labels =
             r#"{service="http-metrics-unit",method="GET",route="/things/{id}",status="204"}"#;
         assert!(
-            text.contains(&format!("http_requests_total{labels} 1")),
+            text.contains(&format!("http_requests_total{labels} 2")),
             "{text}"
         );
         assert!(
-            text.contains(&format!("http_request_duration_seconds_count{labels} 1")),
+            text.contains(&format!("http_request_duration_seconds_count{labels} 2")),
             "{text}"
         );
+        assert!(
+            text.contains(r#"http_requests_total{service="http-metrics-unit",method="other",route="/things/{id}",status="405"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("PURGE"), "{text}");
         assert!(
             text.contains(r#"http_requests_total{service="http-metrics-unit",method="GET",route="unmatched",status="404"} 1"#),
             "{text}"

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Instructions the gateway executes per proxied request, counted by callgrind: unlike
+# requests/s, the count does not move with whatever else the machine is doing, so two
+# builds compare on a noisy machine. GET /api/v1/users/me with a bearer token, one event
+# loop, 500 requests of warm-up, then REQUESTS counted.
+#
+#   scripts/gateway-instructions.sh [GATEWAY_BIN]     # REQUESTS=5000; needs valgrind, hey
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+REQUESTS=${REQUESTS:-5000}
+NS=gwinstr
+for tool in valgrind callgrind_control callgrind_annotate hey python3 psql curl; do
+  command -v "$tool" >/dev/null || { echo "gateway-instructions: $tool is required" >&2; exit 1; }
+done
+
+cargo build --release -q -p user-svc -p gateway
+TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+GATEWAY_BIN=${1:-$TARGET/release/gateway}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+USER_PORT=$(free_port); GATEWAY_PORT=$(free_port)
+WORK=$(mktemp -d)
+PIDS=()
+drop_db() { psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS ${NS}_user WITH (FORCE)" >/dev/null 2>&1 || true; }
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  drop_db
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+drop_db
+
+export COMMERCE__NAMESPACE=$NS COMMERCE__GATEWAY__EVENT_LOOPS=1
+export COMMERCE__USER__PORT=$USER_PORT COMMERCE__GATEWAY__PORT=$GATEWAY_PORT
+export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
+for scope in USER AUTH ANONYMOUS; do
+  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__PER_MINUTE=1000000000"
+  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__BURST=100000000"
+done
+"$TARGET/release/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
+valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" --dump-instr=no \
+  "$GATEWAY_BIN" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+VALGRIND_PID=$!
+
+for url in "http://127.0.0.1:$USER_PORT/ready" "http://127.0.0.1:$GATEWAY_PORT/health"; do
+  for _ in $(seq 1 600); do curl -fs "$url" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fs "$url" >/dev/null || { echo "gateway-instructions: $url did not answer" >&2; cat "$WORK"/*.log >&2; exit 1; }
+done
+TOKEN=$(curl -fs "http://127.0.0.1:$GATEWAY_PORT/api/v1/auth/register" -H 'content-type: application/json' \
+  -d "{\"email\":\"instr-$RANDOM@example.com\",\"password\":\"correct horse battery staple\",\"name\":\"Bench\"}" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+URL="http://127.0.0.1:$GATEWAY_PORT/api/v1/users/me"
+
+hey -n 500 -c 4 -H "Authorization: Bearer $TOKEN" "$URL" >/dev/null
+callgrind_control -z "$VALGRIND_PID" >/dev/null 2>&1
+ok=$(hey -n "$REQUESTS" -c 8 -H "Authorization: Bearer $TOKEN" "$URL" | awk '/\[200\]/ {print $2}')
+callgrind_control -d "$VALGRIND_PID" >/dev/null 2>&1
+[ "${ok:-0}" = "$REQUESTS" ] || { echo "gateway-instructions: only ${ok:-0} of $REQUESTS requests got 200" >&2; exit 1; }
+
+total=$(callgrind_annotate "$WORK"/callgrind.out.* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "$GATEWAY_BIN: $total instructions for $REQUESTS requests, $((total / REQUESTS)) per request"
