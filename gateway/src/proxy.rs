@@ -132,6 +132,10 @@ fn is_internal(name: &HeaderName) -> bool {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them; looking each one up costs a hash per name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -171,15 +175,16 @@ fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
 
 fn rate_limit_headers(headers: &mut HeaderMap, decision: &Decision) {
     let pairs = [
-        (RATELIMIT_LIMIT, HeaderValue::from(decision.limit)),
-        (RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)),
-        (
-            RATELIMIT_RESET,
-            HeaderValue::from(decision.reset.as_secs().max(1)),
-        ),
+        (RATELIMIT_LIMIT, u64::from(decision.limit)),
+        (RATELIMIT_REMAINING, u64::from(decision.remaining)),
+        (RATELIMIT_RESET, decision.reset.as_secs().max(1)),
     ];
+    // itoa, not `HeaderValue::from(u64)`, which goes through `fmt`.
+    let mut digits = itoa::Buffer::new();
     for (name, value) in pairs {
-        headers.insert(name, value);
+        if let Ok(value) = HeaderValue::from_str(digits.format(value)) {
+            headers.insert(name, value);
+        }
     }
 }
 

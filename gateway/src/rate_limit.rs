@@ -137,7 +137,11 @@ impl RateLimiter {
         id: &str,
         policy: RateLimit,
     ) -> anyhow::Result<Decision> {
-        let key = format!("{}:{scope}:{id}", self.prefix);
+        // Built by hand: `format!` is a measurable share of a proxied request.
+        let mut key = String::with_capacity(self.prefix.len() + scope.len() + id.len() + 2);
+        for part in [self.prefix.as_str(), ":", scope, ":", id] {
+            key.push_str(part);
+        }
         let want = lease_size(policy);
         if want > 1
             && let Some(lease) = self.leases.get(&key)
