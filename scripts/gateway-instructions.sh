@@ -2,7 +2,8 @@
 # Instructions the gateway executes per proxied request, counted by callgrind: unlike
 # requests/s, the count does not move with whatever else the machine is doing, so two
 # builds compare on a noisy machine. GET /api/v1/users/me with a bearer token, one event
-# loop, 500 requests of warm-up, then REQUESTS counted.
+# loop, 500 requests of warm-up, then REQUESTS counted. When nginx is installed, the same
+# count for nginx (one worker, proxy_pass with keep-alive) in front of the same user-svc.
 #
 #   scripts/gateway-instructions.sh [GATEWAY_BIN]     # REQUESTS=5000; needs valgrind, hey
 set -euo pipefail
@@ -40,24 +41,54 @@ for scope in USER AUTH ANONYMOUS; do
   export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__BURST=100000000"
 done
 "$TARGET/release/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
-valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" --dump-instr=no \
+valgrind --tool=callgrind --callgrind-out-file="$WORK/gateway.callgrind" --dump-instr=no \
   "$GATEWAY_BIN" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
-VALGRIND_PID=$!
+GATEWAY_PID=$!
 
-for url in "http://127.0.0.1:$USER_PORT/ready" "http://127.0.0.1:$GATEWAY_PORT/health"; do
-  for _ in $(seq 1 600); do curl -fs "$url" >/dev/null 2>&1 && break; sleep 0.1; done
-  curl -fs "$url" >/dev/null || { echo "gateway-instructions: $url did not answer" >&2; cat "$WORK"/*.log >&2; exit 1; }
-done
+wait_for() {
+  for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "gateway-instructions: $1 did not answer" >&2; cat "$WORK"/*.log >&2; exit 1
+}
+wait_for "http://127.0.0.1:$USER_PORT/ready"
+wait_for "http://127.0.0.1:$GATEWAY_PORT/health"
 TOKEN=$(curl -fs "http://127.0.0.1:$GATEWAY_PORT/api/v1/auth/register" -H 'content-type: application/json' \
   -d "{\"email\":\"instr-$RANDOM@example.com\",\"password\":\"correct horse battery staple\",\"name\":\"Bench\"}" |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
-URL="http://127.0.0.1:$GATEWAY_PORT/api/v1/users/me"
 
-hey -n 500 -c 4 -H "Authorization: Bearer $TOKEN" "$URL" >/dev/null
-callgrind_control -z "$VALGRIND_PID" >/dev/null 2>&1
-ok=$(hey -n "$REQUESTS" -c 8 -H "Authorization: Bearer $TOKEN" "$URL" | awk '/\[200\]/ {print $2}')
-callgrind_control -d "$VALGRIND_PID" >/dev/null 2>&1
-[ "${ok:-0}" = "$REQUESTS" ] || { echo "gateway-instructions: only ${ok:-0} of $REQUESTS requests got 200" >&2; exit 1; }
+# Instructions per request of process PID (under callgrind, writing OUT.<n>) serving URL.
+count() {
+  local url=$1 pid=$2 out=$3 ok total
+  hey -n 500 -c 4 -H "Authorization: Bearer $TOKEN" "$url" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  ok=$(hey -n "$REQUESTS" -c 8 -H "Authorization: Bearer $TOKEN" "$url" | awk '/\[200\]/ {print $2}')
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  [ "${ok:-0}" = "$REQUESTS" ] || { echo "gateway-instructions: only ${ok:-0} of $REQUESTS requests to $url got 200" >&2; exit 1; }
+  total=$(callgrind_annotate "$out".* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  echo "$total instructions for $REQUESTS requests, $((total / REQUESTS)) per request"
+}
 
-total=$(callgrind_annotate "$WORK"/callgrind.out.* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-echo "$GATEWAY_BIN: $total instructions for $REQUESTS requests, $((total / REQUESTS)) per request"
+echo "gateway ($GATEWAY_BIN): $(count "http://127.0.0.1:$GATEWAY_PORT/api/v1/users/me" "$GATEWAY_PID" "$WORK/gateway.callgrind")"
+
+command -v nginx >/dev/null || exit 0
+NGINX_PORT=$(free_port)
+cat >"$WORK/nginx.conf" <<CONF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  upstream user { server 127.0.0.1:$USER_PORT; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / { proxy_pass http://user; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+valgrind --tool=callgrind --callgrind-out-file="$WORK/nginx.callgrind" --dump-instr=no \
+  nginx -p "$WORK" -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 & PIDS+=($!)
+NGINX_PID=$!
+wait_for "http://127.0.0.1:$NGINX_PORT/health"
+echo "$(nginx -v 2>&1 | sed 's|.*: ||'): $(count "http://127.0.0.1:$NGINX_PORT/api/v1/users/me" "$NGINX_PID" "$WORK/nginx.callgrind")"
