@@ -29,26 +29,10 @@ cargo build --release -q -p user-svc -p product-svc -p gateway
 TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 BIN="$TARGET/release"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BENCH_DBS="user product"
+source scripts/lib/bench.sh
 USER_PORT=$(free_port); CACHED_PORT=$(free_port); UNCACHED_PORT=$(free_port)
 GW_CACHED_PORT=$(free_port); GW_UNCACHED_PORT=$(free_port)
-WORK=$(mktemp -d)
-PIDS=()
-psql_ns() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
-drop_dbs() {
-  for db in user product; do
-    psql_ns -d postgres -c "DROP DATABASE IF EXISTS ${NS}_$db WITH (FORCE)" >/dev/null 2>&1 || true
-  done
-}
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  # The namespace's queues stay (same names next run); its Redis keys expire by TTL.
-  drop_dbs
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-drop_dbs
 
 export COMMERCE__NAMESPACE=$NS COMMERCE__USER__PORT=$USER_PORT
 export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn

@@ -27,19 +27,9 @@ cargo build --release -q -p user-svc -p gateway
 TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 BIN="$TARGET/release"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BENCH_DBS=user
+source scripts/lib/bench.sh
 USER_PORT=$(free_port); GATEWAY_PORT=$(free_port); NGINX_PORT=$(free_port)
-WORK=$(mktemp -d)
-PIDS=()
-drop_db() { psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS ${NS}_user WITH (FORCE)" >/dev/null 2>&1 || true; }
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  drop_db
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-drop_db
 
 export COMMERCE__NAMESPACE=$NS
 export COMMERCE__USER__PORT=$USER_PORT COMMERCE__GATEWAY__PORT=$GATEWAY_PORT

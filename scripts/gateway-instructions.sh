@@ -19,19 +19,9 @@ cargo build --release -q -p user-svc -p gateway
 TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 GATEWAY_BIN=${1:-$TARGET/release/gateway}
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BENCH_DBS=user
+source scripts/lib/bench.sh
 USER_PORT=$(free_port); GATEWAY_PORT=$(free_port)
-WORK=$(mktemp -d)
-PIDS=()
-drop_db() { psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS ${NS}_user WITH (FORCE)" >/dev/null 2>&1 || true; }
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  drop_db
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-drop_db
 
 export COMMERCE__NAMESPACE=$NS COMMERCE__GATEWAY__EVENT_LOOPS=1
 export COMMERCE__USER__PORT=$USER_PORT COMMERCE__GATEWAY__PORT=$GATEWAY_PORT
@@ -60,10 +50,11 @@ count() {
   local url=$1 pid=$2 out=$3 ok total
   hey -n 500 -c 4 -H "Authorization: Bearer $TOKEN" "$url" >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
-  ok=$(hey -n "$REQUESTS" -c 8 -H "Authorization: Bearer $TOKEN" "$url" | awk '/\[200\]/ {print $2}')
+  hey -n "$REQUESTS" -c 8 -H "Authorization: Bearer $TOKEN" "$url" >"$out.hey"
   callgrind_control -d "$pid" >/dev/null 2>&1
-  [ "${ok:-0}" = "$REQUESTS" ] || { echo "gateway-instructions: only ${ok:-0} of $REQUESTS requests to $url got 200" >&2; exit 1; }
-  total=$(callgrind_annotate "$out".* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  ok=$(awk '/\[200\]/ {n += $2} END {print n + 0}' "$out.hey")
+  [ "$ok" = "$REQUESTS" ] || { echo "gateway-instructions: $ok of $REQUESTS requests to $url got 200:" >&2; cat "$out.hey" >&2; exit 1; }
+  total=$(callgrind_annotate "$out".[0-9]* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
   echo "$total instructions for $REQUESTS requests, $((total / REQUESTS)) per request"
 }
 
