@@ -40,24 +40,7 @@ export COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__PER_MINUTE=1000000000 COMMERCE_
 "$BIN/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
 "$BIN/gateway" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
 
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes auto;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream user { server 127.0.0.1:$USER_PORT; keepalive 256; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://user;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-EOF
+nginx_proxy_conf "$NGINX_PORT" "$USER_PORT" "worker_processes auto;" >"$WORK/nginx.conf"
 nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 
 wait_for() {

@@ -62,22 +62,7 @@ echo "gateway ($GATEWAY_BIN): $(count "http://127.0.0.1:$GATEWAY_PORT/api/v1/use
 
 command -v nginx >/dev/null || exit 0
 NGINX_PORT=$(free_port)
-cat >"$WORK/nginx.conf" <<CONF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  upstream user { server 127.0.0.1:$USER_PORT; keepalive 64; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / { proxy_pass http://user; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-CONF
+nginx_proxy_conf "$NGINX_PORT" "$USER_PORT" "daemon off;" "master_process off;" "worker_processes 1;" >"$WORK/nginx.conf"
 valgrind --tool=callgrind --callgrind-out-file="$WORK/nginx.callgrind" --dump-instr=no \
   nginx -p "$WORK" -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 & PIDS+=($!)
 NGINX_PID=$!

@@ -21,3 +21,28 @@ WORK=$(mktemp -d)
 PIDS=()
 trap cleanup EXIT
 drop_dbs
+
+# nginx in front of 127.0.0.1:$2, listening on 127.0.0.1:$1, with an upstream keep-alive
+# pool; further arguments are top-level directives such as "worker_processes auto;".
+nginx_proxy_conf() {
+  local listen=$1 upstream=$2
+  shift 2
+  printf '%s\n' "$@"
+  cat <<CONF
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream service { server 127.0.0.1:$upstream; keepalive 256; }
+  server {
+    listen 127.0.0.1:$listen;
+    location / {
+      proxy_pass http://service;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+}
