@@ -274,6 +274,9 @@ pub async fn forward(
         }
     };
     let client = client_address(&parts.headers, peer.ip(), &state.trusted_proxies);
+    // Each goes into a rate-limit key and a header; formatted once.
+    let client_text = client.to_string();
+    let user_id = claims.as_ref().map(|c| c.sub.to_string());
     let path = parts.uri.path().to_owned();
 
     // The body of login and register is small and read here for the per-email limit.
@@ -299,20 +302,20 @@ pub async fn forward(
     let mut decision = None;
     if let Some(limiter) = &state.limiter {
         let policies = &state.settings.rate_limit;
-        let mut checks = vec![match &claims {
-            Some(claims) => ("user", claims.sub.to_string(), policies.user),
-            None => ("ip", client.to_string(), policies.anonymous),
+        let mut checks = vec![match &user_id {
+            Some(id) => ("user", id.as_str(), policies.user),
+            None => ("ip", client_text.as_str(), policies.anonymous),
         }];
         if auth_write {
-            checks.push(("auth-ip", client.to_string(), policies.auth));
+            checks.push(("auth-ip", client_text.as_str(), policies.auth));
             if let Some(email) = &email
                 && path.ends_with("/login")
             {
-                checks.push(("login-email", email.clone(), policies.auth));
+                checks.push(("login-email", email.as_str(), policies.auth));
             }
         }
         for (scope, id, policy) in checks {
-            match limiter.check(scope, &id, policy).await {
+            match limiter.check(scope, id, policy).await {
                 Ok(d) => decision = Some(decision.map_or(d, |prev: Decision| prev.tighter(d))),
                 Err(error) => {
                     // Redis down: serve rather than refuse everyone.
@@ -368,7 +371,7 @@ pub async fn forward(
     }
     parts.headers.remove(header::HOST);
     let headers = &mut parts.headers;
-    if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
+    if let Ok(value) = HeaderValue::from_str(&client_text) {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -387,8 +390,9 @@ pub async fn forward(
             headers.insert(shared::http::REQUEST_ID, id);
         }
     }
-    if let Some(claims) = &claims
-        && let Ok(value) = HeaderValue::from_str(&claims.sub.to_string())
+    if let Some(value) = user_id
+        .as_deref()
+        .and_then(|id| HeaderValue::from_str(id).ok())
     {
         // For the services' logs only: they verify the token themselves.
         headers.insert(X_COMMERCE_USER_ID, value);
