@@ -228,35 +228,37 @@ struct RouteMetrics {
 impl RequestMetrics {
     fn record(&self, service: &str, route: &str, method: &Method, status: u16, elapsed: Duration) {
         let method = method_label(method);
-        let found = {
-            let by_route = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
-            by_route.get(route).and_then(|entries| {
-                entries
-                    .iter()
-                    .find(|m| m.method == method && m.status == status)
-                    .cloned()
-            })
-        };
-        let handles = found.unwrap_or_else(|| {
-            let labels = [
-                ("service", service.to_owned()),
-                ("method", method.to_owned()),
-                ("route", route.to_owned()),
-                ("status", status.to_string()),
-            ];
-            let handles = RouteMetrics {
-                method,
-                status,
-                requests: metrics::counter!("http_requests_total", &labels),
-                duration: metrics::histogram!("http_request_duration_seconds", &labels),
-            };
+        // One lock for the lookup and a first registration, so two requests cannot both
+        // register the same series.
+        let handles = {
             let mut by_route = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
-            by_route
-                .entry(Arc::from(route))
-                .or_default()
-                .push(handles.clone());
-            handles
-        });
+            let entries = match by_route.get_mut(route) {
+                Some(entries) => entries,
+                None => by_route.entry(Arc::from(route)).or_default(),
+            };
+            match entries
+                .iter()
+                .find(|m| m.method == method && m.status == status)
+            {
+                Some(found) => found.clone(),
+                None => {
+                    let labels = [
+                        ("service", service.to_owned()),
+                        ("method", method.to_owned()),
+                        ("route", route.to_owned()),
+                        ("status", status.to_string()),
+                    ];
+                    let handles = RouteMetrics {
+                        method,
+                        status,
+                        requests: metrics::counter!("http_requests_total", &labels),
+                        duration: metrics::histogram!("http_request_duration_seconds", &labels),
+                    };
+                    entries.push(handles.clone());
+                    handles
+                }
+            }
+        };
         handles.requests.increment(1);
         handles.duration.record(elapsed.as_secs_f64());
     }
