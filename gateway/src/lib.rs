@@ -7,6 +7,7 @@ mod console;
 mod docs;
 mod proxy;
 mod rate_limit;
+mod upstream;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,14 +16,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::any;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
 use shared::Settings;
 use shared::auth::Verifier;
 use shared::config::GatewaySettings;
@@ -35,27 +33,6 @@ pub use rate_limit::{Decision, RateLimiter};
 
 /// Names the gateway's Redis keys (`<ns>:rl:…`).
 pub const SERVICE: &str = "gateway";
-
-pub type UpstreamClient = Client<HttpConnector, Body>;
-
-thread_local! {
-    /// One pool per event loop: a pooled connection is driven by a task on the loop that
-    /// opened it, so sharing pools would hand requests between threads.
-    static UPSTREAM: UpstreamClient = {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector)
-    };
-}
-
-/// Sends `request` on the pool of the event loop the caller runs on.
-fn send_upstream(request: axum::http::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
-    UPSTREAM.with(|client| client.request(request))
-}
 
 /// Shared by every request; axum clones the state per request, so it is one `Arc`.
 #[derive(Clone)]
@@ -71,7 +48,7 @@ impl std::ops::Deref for AppState {
 
 pub struct Inner {
     upstreams: HashMap<Upstream, String>,
-    targets: HashMap<Upstream, proxy::Target>,
+    targets: HashMap<Upstream, upstream::Target>,
     verifier: Verifier,
     limiter: Option<RateLimiter>,
     settings: GatewaySettings,
@@ -265,7 +242,7 @@ impl Application {
             .collect();
         let targets = upstreams
             .iter()
-            .map(|(u, base)| Ok((*u, proxy::Target::parse(base)?)))
+            .map(|(u, base)| Ok((*u, upstream::Target::parse(base)?)))
             .collect::<anyhow::Result<_>>()?;
         let state = AppState(Arc::new(Inner {
             docs: docs::Docs::new(upstreams.clone(), probe),

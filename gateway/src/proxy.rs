@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::uri::{Authority, PathAndQuery, Scheme};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt as _, Limited};
 use shared::auth::{AuthError, Claims};
@@ -74,52 +73,6 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_COMMERCE_USER_ID: HeaderName = HeaderName::from_static("x-commerce-user-id");
-
-/// A service's base URL, parsed once: the request's path and query are put after it.
-pub struct Target {
-    scheme: Scheme,
-    authority: Authority,
-    /// The base URL's path without its trailing slash; usually empty.
-    prefix: String,
-}
-
-impl Target {
-    pub fn parse(base: &str) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let parts = base
-            .parse::<Uri>()
-            .with_context(|| format!("{base:?} is not a URL"))?
-            .into_parts();
-        Ok(Self {
-            scheme: parts
-                .scheme
-                .with_context(|| format!("{base:?} has no scheme"))?,
-            authority: parts
-                .authority
-                .with_context(|| format!("{base:?} has no host"))?,
-            prefix: parts
-                .path_and_query
-                .map(|p| p.path().trim_end_matches('/').to_owned())
-                .unwrap_or_default(),
-        })
-    }
-
-    /// The service's URI for a request to `path_and_query` at the gateway.
-    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Option<Uri> {
-        let path_and_query = match (path_and_query, self.prefix.is_empty()) {
-            (Some(p), true) => p.clone(),
-            (p, _) => {
-                let rest = p.map_or("/", PathAndQuery::as_str);
-                format!("{}{rest}", self.prefix).parse().ok()?
-            }
-        };
-        let mut parts = axum::http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts).ok()
-    }
-}
 
 /// Identity and routing headers only the gateway may set.
 fn is_internal(name: &HeaderName) -> bool {
@@ -355,7 +308,7 @@ pub async fn forward(
             format!("no address for {}", upstream.name()),
         );
     };
-    let Some(uri) = target.uri(parts.uri.path_and_query()) else {
+    let Some(uri) = target.path(parts.uri.path_and_query()) else {
         return problem(StatusCode::BAD_REQUEST, "the request path is not valid");
     };
     let original_host = parts.headers.get(header::HOST).cloned();
@@ -369,8 +322,8 @@ pub async fn forward(
     for name in internal {
         parts.headers.remove(name);
     }
-    parts.headers.remove(header::HOST);
     let headers = &mut parts.headers;
+    headers.insert(header::HOST, target.host().clone());
     if let Ok(value) = HeaderValue::from_str(&client_text) {
         headers.insert(X_FORWARDED_FOR, value);
     }
@@ -404,7 +357,7 @@ pub async fn forward(
 
     let started = Instant::now();
     let timeout = Duration::from_millis(state.settings.upstream_timeout_ms);
-    let result = tokio::time::timeout(timeout, crate::send_upstream(outgoing)).await;
+    let result = tokio::time::timeout(timeout, crate::upstream::send(target, outgoing)).await;
     let outcome = match &result {
         Ok(Ok(response)) => Outcome::Status(response.status().as_u16()),
         Ok(Err(_)) => Outcome::Error,
@@ -453,7 +406,7 @@ const BUFFER_UP_TO: u64 = 256 * 1024;
 
 /// Like nginx's proxy buffering: a small answer goes to the client in one write, head and
 /// body together, instead of the head first and the body after.
-async fn buffer_small(response: axum::http::Response<hyper::body::Incoming>) -> Response {
+async fn buffer_small(response: axum::http::Response<crate::upstream::UpstreamBody>) -> Response {
     let length = response
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -548,24 +501,6 @@ fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_request_goes_to_the_same_path_and_query_under_the_service_base_url() {
-        let pq = |s: &str| s.parse::<PathAndQuery>().expect("path");
-        let plain = Target::parse("http://127.0.0.1:8081").expect("base");
-        assert_eq!(
-            plain.uri(Some(&pq("/api/v1/users/me?x=1"))).expect("uri"),
-            "http://127.0.0.1:8081/api/v1/users/me?x=1"
-        );
-        assert_eq!(plain.uri(None).expect("uri"), "http://127.0.0.1:8081/");
-
-        let prefixed = Target::parse("https://svc.internal/user/").expect("base");
-        assert_eq!(
-            prefixed.uri(Some(&pq("/api/v1/users/me"))).expect("uri"),
-            "https://svc.internal/user/api/v1/users/me"
-        );
-        assert!(Target::parse("127.0.0.1:8081/no-scheme").is_err());
-    }
 
     #[test]
     fn the_client_address_comes_from_forwarded_headers_only_behind_a_trusted_proxy() {
