@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Two gateway builds and nginx in front of one user-svc, compared in one run: for each
+# round, in the order old, new, nginx, wrk's maximum throughput, then hey at one fixed
+# rate for all three with the CPU time the proxy spent per request at that rate (from
+# /proc/<pid>/stat, user and system apart), and user-svc's behind it. CPU per request
+# moves much less with the machine's noise than requests/s or p99, so it shows changes
+# of a few percent.
+#
+#   scripts/bench-gateway-compare.sh OLD_GATEWAY NEW_GATEWAY [ROUNDS]
+#
+# BENCH_SECONDS=10 per run, BENCH_RATE=6400 requests/s for the fixed-rate runs (32 hey
+# workers). Release builds; user-svc is this tree's. Needs wrk, hey, nginx, python3.
+set -euo pipefail
+[ $# -ge 2 ] || { sed -n 2,11p "$0"; exit 2; }
+OLD=$(realpath "$1"); NEW=$(realpath "$2"); ROUNDS=${3:-3}
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SECONDS_PER_RUN=${BENCH_SECONDS:-10}
+RATE=${BENCH_RATE:-6400}
+NS=benchgwcmp
+for tool in wrk hey nginx python3 psql curl; do
+  command -v "$tool" >/dev/null || { echo "bench-gateway-compare: $tool is required" >&2; exit 1; }
+done
+
+cargo build --release -q -p user-svc
+TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+
+BENCH_DBS=user
+source scripts/lib/bench.sh
+USER_PORT=$(free_port); OLD_PORT=$(free_port); NEW_PORT=$(free_port); NGINX_PORT=$(free_port)
+
+export COMMERCE__NAMESPACE=$NS COMMERCE__USER__PORT=$USER_PORT
+export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
+for scope in USER AUTH ANONYMOUS; do
+  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__PER_MINUTE=1000000000"
+  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__BURST=100000000"
+done
+"$TARGET/release/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
+USER_PID=$!
+COMMERCE__GATEWAY__PORT=$OLD_PORT "$OLD" >"$WORK/old.log" 2>&1 & PIDS+=($!)
+OLD_PID=$!
+COMMERCE__GATEWAY__PORT=$NEW_PORT "$NEW" >"$WORK/new.log" 2>&1 & PIDS+=($!)
+NEW_PID=$!
+nginx_proxy_conf "$NGINX_PORT" "$USER_PORT" "worker_processes auto;" >"$WORK/nginx.conf"
+nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+NGINX_PID=$!
+
+wait_for() {
+  for _ in $(seq 1 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "bench-gateway-compare: $1 did not answer" >&2; cat "$WORK"/*.log >&2; exit 1
+}
+wait_for "http://127.0.0.1:$USER_PORT/ready"
+for port in "$OLD_PORT" "$NEW_PORT" "$NGINX_PORT"; do wait_for "http://127.0.0.1:$port/health"; done
+TOKEN=$(curl -fs "http://127.0.0.1:$NEW_PORT/api/v1/auth/register" -H 'content-type: application/json' \
+  -d "{\"email\":\"cmp-$RANDOM@example.com\",\"password\":\"correct horse battery staple\",\"name\":\"Bench\"}" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+AUTH=(-H "Authorization: Bearer $TOKEN")
+
+# User and system clock ticks of a process and its children (nginx's workers).
+ticks() {
+  local user=0 system=0 pid u s
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    user=$((user + u)); system=$((system + s))
+  done
+  echo "$user $system"
+}
+
+PER_WORKER=$((RATE / 32))
+echo "| round | proxy | max requests/s | p99 ms | at $((PER_WORKER * 32)) requests/s: p50 ms | p99 ms | proxy CPU µs per request: user | system | total | user-svc CPU µs per request | non-2xx |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+for round in $(seq 1 "$ROUNDS"); do
+  for proxy in old new nginx; do
+    case $proxy in
+      old) port=$OLD_PORT pid=$OLD_PID ;;
+      new) port=$NEW_PORT pid=$NEW_PID ;;
+      nginx) port=$NGINX_PORT pid=$NGINX_PID ;;
+    esac
+    url="http://127.0.0.1:$port/api/v1/users/me"
+    read -r max _ max99 bad _ < <(wrk -t2 -c32 -d"${SECONDS_PER_RUN}s" --latency "${AUTH[@]}" "$url" | python3 scripts/lib/wrk_summary.py)
+    hey -z 2s -c 32 -q "$PER_WORKER" "${AUTH[@]}" "$url" >/dev/null
+    before=$(ticks "$pid"); user_before=$(ticks "$USER_PID")
+    read -r done_rps p50 p99 fixed_bad < <(hey -z "${SECONDS_PER_RUN}s" -c 32 -q "$PER_WORKER" "${AUTH[@]}" "$url" | python3 scripts/lib/hey_summary.py)
+    after=$(ticks "$pid"); user_after=$(ticks "$USER_PID")
+    python3 - "$round" "$proxy" "$max" "$max99" "$p50" "$p99" "$before" "$after" "$done_rps" "$SECONDS_PER_RUN" "$((bad + fixed_bad))" "$(getconf CLK_TCK)" "$user_before" "$user_after" <<'EOF'
+import sys
+rnd, proxy, rps, max99, p50, p99, before, after, done, secs, bad, hz, svc_before, svc_after = sys.argv[1:]
+requests = float(done) * float(secs)
+def per_request(a, b):
+    return [(y - x) / int(hz) / requests * 1e6 for x, y in zip(map(int, a.split()), map(int, b.split()))]
+user, system = per_request(before, after)
+service = sum(per_request(svc_before, svc_after))
+print(f"| {rnd} | {proxy} | {float(rps):.0f} | {float(max99):.2f} | {float(p50):.2f} | {float(p99):.2f} | {user:.1f} | {system:.1f} | {user + system:.1f} | {service:.1f} | {bad} |")
+EOF
+  done
+done
