@@ -6,6 +6,7 @@
 //!
 //! A connection is leased to one request at a time. It goes back to the pool of the
 //! thread that finishes reading its answer, and is checked again before its next use.
+//! hyper's `Connection` does the HTTP/1 work; this module only decides who polls it.
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
@@ -141,9 +142,22 @@ impl Lease {
         self.drive(cx) && matches!(self.send.poll_ready(cx), Poll::Ready(Ok(())))
     }
 
-    fn release(mut self) {
-        self.idle_since = Instant::now();
-        POOL.with(|pool| pool.borrow_mut().put(self));
+    /// Back to the pool when it can take the next request. One still busy (the service
+    /// answered before the request's body was all sent) finishes that on a task of its
+    /// own and then closes, so the client's upload is not left half-read in the pool.
+    fn release(mut self, cx: &mut Context<'_>) {
+        if !self.drive(cx) {
+            return;
+        }
+        if matches!(self.send.poll_ready(cx), Poll::Ready(Ok(()))) {
+            self.idle_since = Instant::now();
+            POOL.with(|pool| pool.borrow_mut().put(self));
+        } else {
+            let connection = self.connection;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+        }
     }
 }
 
@@ -289,7 +303,7 @@ impl hyper::body::Body for UpstreamBody {
         if let Poll::Ready(None) = frame
             && let Some(lease) = this.lease.take()
         {
-            lease.release();
+            lease.release(cx);
         }
         frame
     }
