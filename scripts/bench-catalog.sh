@@ -34,19 +34,7 @@ source scripts/lib/bench.sh
 USER_PORT=$(free_port); CACHED_PORT=$(free_port); UNCACHED_PORT=$(free_port)
 GW_CACHED_PORT=$(free_port); GW_UNCACHED_PORT=$(free_port)
 
-export COMMERCE__NAMESPACE=$NS COMMERCE__USER__PORT=$USER_PORT
-export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
-export COMMERCE__GATEWAY__RATE_LIMIT__USER__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__USER__BURST=100000000
-export COMMERCE__GATEWAY__RATE_LIMIT__AUTH__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__AUTH__BURST=100000000
-export COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__BURST=100000000
-
-wait_for() {
-  for _ in $(seq 1 300); do
-    curl -fs "$1" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "bench-catalog: $1 did not answer" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1
-}
+export COMMERCE__USER__PORT=$USER_PORT
 
 "$BIN/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
 wait_for "http://127.0.0.1:$USER_PORT/ready"
@@ -64,9 +52,7 @@ wait_for "http://127.0.0.1:$GW_UNCACHED_PORT/health"
 
 # One product through the API (so the whole path works), the rest straight into the table.
 GW="http://127.0.0.1:$GW_CACHED_PORT/api/v1"
-TOKEN=$(curl -fs "$GW/auth/register" -H 'content-type: application/json' \
-  -d "{\"email\":\"bench-$RANDOM@example.com\",\"password\":\"correct horse battery staple\",\"name\":\"Bench\",\"role\":\"seller\"}" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+TOKEN=$(register_token "$GW" "" seller)
 FIRST=$(curl -fs "$GW/products" -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
   -d '{"name":"Cast-iron teapot","description":"Holds 1.2 litres. Enamelled inside.","price_cents":4599,"currency":"EUR","initial_stock":10}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')

@@ -28,12 +28,7 @@ BENCH_DBS=user
 source scripts/lib/bench.sh
 USER_PORT=$(free_port); OLD_PORT=$(free_port); NEW_PORT=$(free_port); NGINX_PORT=$(free_port)
 
-export COMMERCE__NAMESPACE=$NS COMMERCE__USER__PORT=$USER_PORT
-export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
-for scope in USER AUTH ANONYMOUS; do
-  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__PER_MINUTE=1000000000"
-  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__BURST=100000000"
-done
+export COMMERCE__USER__PORT=$USER_PORT
 "$TARGET/release/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
 USER_PID=$!
 COMMERCE__GATEWAY__PORT=$OLD_PORT "$OLD" >"$WORK/old.log" 2>&1 & PIDS+=($!)
@@ -44,15 +39,9 @@ nginx_proxy_conf "$NGINX_PORT" "$USER_PORT" "worker_processes auto;" >"$WORK/ngi
 nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 NGINX_PID=$!
 
-wait_for() {
-  for _ in $(seq 1 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench-gateway-compare: $1 did not answer" >&2; cat "$WORK"/*.log >&2; exit 1
-}
 wait_for "http://127.0.0.1:$USER_PORT/ready"
 for port in "$OLD_PORT" "$NEW_PORT" "$NGINX_PORT"; do wait_for "http://127.0.0.1:$port/health"; done
-TOKEN=$(curl -fs "http://127.0.0.1:$NEW_PORT/api/v1/auth/register" -H 'content-type: application/json' \
-  -d "{\"email\":\"cmp-$RANDOM@example.com\",\"password\":\"correct horse battery staple\",\"name\":\"Bench\"}" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+TOKEN=$(register_token "http://127.0.0.1:$NEW_PORT/api/v1")
 AUTH=(-H "Authorization: Bearer $TOKEN")
 
 # User and system clock ticks of a process and its children (nginx's workers).

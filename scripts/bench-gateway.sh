@@ -31,38 +31,23 @@ BENCH_DBS=user
 source scripts/lib/bench.sh
 USER_PORT=$(free_port); GATEWAY_PORT=$(free_port); NGINX_PORT=$(free_port)
 
-export COMMERCE__NAMESPACE=$NS
 export COMMERCE__USER__PORT=$USER_PORT COMMERCE__GATEWAY__PORT=$GATEWAY_PORT
-export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
-export COMMERCE__GATEWAY__RATE_LIMIT__USER__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__USER__BURST=100000000
-export COMMERCE__GATEWAY__RATE_LIMIT__AUTH__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__AUTH__BURST=100000000
-export COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__PER_MINUTE=1000000000 COMMERCE__GATEWAY__RATE_LIMIT__ANONYMOUS__BURST=100000000
 "$BIN/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
 "$BIN/gateway" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
 
 nginx_proxy_conf "$NGINX_PORT" "$USER_PORT" "worker_processes auto;" >"$WORK/nginx.conf"
 nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 
-wait_for() {
-  for _ in $(seq 1 200); do
-    curl -fs "$1" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "bench-gateway: $1 did not answer" >&2; cat "$WORK"/*.log >&2; exit 1
-}
 wait_for "http://127.0.0.1:$USER_PORT/ready"
 wait_for "http://127.0.0.1:$GATEWAY_PORT/health"
 wait_for "http://127.0.0.1:$NGINX_PORT/health"
 
 EMAIL="bench-$RANDOM@example.com"
-PASSWORD="correct horse battery staple"
-TOKEN=$(curl -fs "http://127.0.0.1:$GATEWAY_PORT/api/v1/auth/register" -H 'content-type: application/json' \
-  -d "{\"email\":\"$EMAIL\",\"password\":\"$PASSWORD\",\"name\":\"Bench\"}" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+TOKEN=$(register_token "http://127.0.0.1:$GATEWAY_PORT/api/v1" "$EMAIL")
 
 cat >"$WORK/login.lua" <<EOF
 wrk.method = "POST"
-wrk.body = '{"email":"$EMAIL","password":"$PASSWORD"}'
+wrk.body = '{"email":"$EMAIL","password":"$BENCH_PASSWORD"}'
 wrk.headers["Content-Type"] = "application/json"
 EOF
 

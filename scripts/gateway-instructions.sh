@@ -23,27 +23,17 @@ BENCH_DBS=user
 source scripts/lib/bench.sh
 USER_PORT=$(free_port); GATEWAY_PORT=$(free_port)
 
-export COMMERCE__NAMESPACE=$NS COMMERCE__GATEWAY__EVENT_LOOPS=1
+export COMMERCE__GATEWAY__EVENT_LOOPS=1
 export COMMERCE__USER__PORT=$USER_PORT COMMERCE__GATEWAY__PORT=$GATEWAY_PORT
-export COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
-for scope in USER AUTH ANONYMOUS; do
-  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__PER_MINUTE=1000000000"
-  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__BURST=100000000"
-done
 "$TARGET/release/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
 valgrind --tool=callgrind --callgrind-out-file="$WORK/gateway.callgrind" --dump-instr=no \
   "$GATEWAY_BIN" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
 GATEWAY_PID=$!
 
-wait_for() {
-  for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "gateway-instructions: $1 did not answer" >&2; cat "$WORK"/*.log >&2; exit 1
-}
-wait_for "http://127.0.0.1:$USER_PORT/ready"
-wait_for "http://127.0.0.1:$GATEWAY_PORT/health"
-TOKEN=$(curl -fs "http://127.0.0.1:$GATEWAY_PORT/api/v1/auth/register" -H 'content-type: application/json' \
-  -d "{\"email\":\"instr-$RANDOM@example.com\",\"password\":\"correct horse battery staple\",\"name\":\"Bench\"}" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+# Under callgrind the gateway starts slowly.
+wait_for "http://127.0.0.1:$USER_PORT/ready" 600
+wait_for "http://127.0.0.1:$GATEWAY_PORT/health" 600
+TOKEN=$(register_token "http://127.0.0.1:$GATEWAY_PORT/api/v1")
 
 # Instructions per request of process PID (under callgrind, writing OUT.<n>) serving URL.
 count() {
@@ -66,5 +56,5 @@ nginx_proxy_conf "$NGINX_PORT" "$USER_PORT" "daemon off;" "master_process off;" 
 valgrind --tool=callgrind --callgrind-out-file="$WORK/nginx.callgrind" --dump-instr=no \
   nginx -p "$WORK" -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 & PIDS+=($!)
 NGINX_PID=$!
-wait_for "http://127.0.0.1:$NGINX_PORT/health"
+wait_for "http://127.0.0.1:$NGINX_PORT/health" 600
 echo "$(nginx -v 2>&1 | sed 's|.*: ||'): $(count "http://127.0.0.1:$NGINX_PORT/api/v1/users/me" "$NGINX_PID" "$WORK/nginx.callgrind")"

@@ -1,7 +1,7 @@
 # Sourced by the benchmark scripts after they set NS (the namespace) and BENCH_DBS (the
 # services whose databases they create, e.g. "user product"): a scratch directory WORK,
 # a list PIDS of the processes they start, and all of it (databases included) removed on
-# exit. The namespace's queues stay (same names next run); its Redis keys expire by TTL.
+# exit; the services' settings exported (bench_env); wait_for and register_token. The namespace's queues stay (same names next run); its Redis keys expire by TTL.
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 psql_ns() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
@@ -21,6 +21,35 @@ WORK=$(mktemp -d)
 PIDS=()
 trap cleanup EXIT
 drop_dbs
+
+# The namespace, keys in WORK, quiet logs, and rate limits so high that every request is
+# counted (leased from Redis) but none is refused.
+export COMMERCE__NAMESPACE=$NS COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
+for scope in USER AUTH ANONYMOUS; do
+  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__PER_MINUTE=1000000000"
+  export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__BURST=100000000"
+done
+
+# Waits for URL to answer 2xx, for TENTHS tenths of a second (default 300); otherwise shows
+# the logs and exits.
+wait_for() {
+  local url=$1 tenths=${2:-300}
+  for _ in $(seq 1 "$tenths"); do
+    curl -fs "$url" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "$(basename "$0" .sh): $url did not answer" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1
+}
+
+BENCH_PASSWORD="correct horse battery staple"
+# Registers EMAIL (default: a new one) as ROLE (default customer) through the API at
+# API_URL (…/api/v1) and prints the access token.
+register_token() {
+  local api=$1 email=${2:-bench-$RANDOM$RANDOM@example.com} role=${3:-customer}
+  curl -fs "$api/auth/register" -H 'content-type: application/json' \
+    -d "{\"email\":\"$email\",\"password\":\"$BENCH_PASSWORD\",\"name\":\"Bench\",\"role\":\"$role\"}" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])'
+}
 
 # nginx in front of 127.0.0.1:$2, listening on 127.0.0.1:$1, with an upstream keep-alive
 # pool; further arguments are top-level directives such as "worker_processes auto;".
