@@ -1,8 +1,8 @@
 //! The upstream connections of one event loop. A request drives its own connection
 //! inside its own task, as nginx handles the upstream inside the same event: there is no
-//! connection task to hand the request to and the answer back from, which hyper-util's
-//! pooled client needs (two task wake-ups per request, and a fifth of the gateway's
-//! instructions; docs/BENCHMARKS.md).
+//! connection task to hand the request to and the answer back from, as in hyper-util's
+//! pooled client (two task wake-ups per request; step 10 of the gateway section of
+//! docs/BENCHMARKS.md).
 //!
 //! A connection is leased to one request at a time. It goes back to the pool of the
 //! thread that finishes reading its answer, and is checked again before its next use.
