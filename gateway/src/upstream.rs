@@ -449,4 +449,37 @@ mod tests {
             "TLS ends at the gateway"
         );
     }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_its_request_body_is_not_used_again() {
+        // The service answers as soon as it has read a request's head, as one refusing
+        // an upload does; the request's body is still coming.
+        let (target, accepted, _) = service(false).await;
+        let (more, chunks) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let body = futures_util::stream::unfold(chunks, |mut chunks| async move {
+            let chunk = chunks.recv().await?;
+            Some((Ok::<_, std::io::Error>(chunk), chunks))
+        });
+        let request = Request::builder()
+            .method("POST")
+            .uri("/upload")
+            .header(axum::http::header::HOST, target.host())
+            .body(Body::from_stream(body))
+            .expect("request");
+        let response = send(&target, request).await.expect("an answer");
+        let answer = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&answer[..], b"ok");
+
+        // Were that connection pooled, this request would go out in the middle of the
+        // upload's chunked body.
+        assert_eq!(get(&target).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        more.send(Bytes::from_static(b"rest of the upload"))
+            .expect("still sending");
+    }
 }
