@@ -93,31 +93,14 @@ impl Target {
 }
 
 /// Why a request got no answer from its service.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
-    Connect(std::io::Error),
+    #[error("connecting: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("connecting: no answer in {CONNECT_TIMEOUT:?}")]
     ConnectTimeout,
-    Http(hyper::Error),
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Connect(e) => write!(f, "connecting: {e}"),
-            Self::ConnectTimeout => write!(f, "connecting: no answer in {CONNECT_TIMEOUT:?}"),
-            Self::Http(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Connect(e) => Some(e),
-            Self::ConnectTimeout => None,
-            Self::Http(e) => Some(e),
-        }
-    }
+    #[error("{0}")]
+    Http(#[source] hyper::Error),
 }
 
 type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
