@@ -21,16 +21,13 @@ CONNECTIONS=${BENCH_CONNECTIONS:-32}
 PRODUCTS=10000
 HOT=1000
 NS=benchcat
-for tool in wrk hey python3 psql curl; do
-  command -v "$tool" >/dev/null || { echo "bench-catalog: $tool is required" >&2; exit 1; }
-done
-
-cargo build --release -q -p user-svc -p product-svc -p gateway
-TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-BIN="$TARGET/release"
-
 BENCH_DBS="user product"
 source scripts/lib/bench.sh
+require wrk hey python3 psql curl
+
+build_release user-svc product-svc gateway
+BIN="$TARGET/release"
+
 USER_PORT=$(free_port); CACHED_PORT=$(free_port); UNCACHED_PORT=$(free_port)
 GW_CACHED_PORT=$(free_port); GW_UNCACHED_PORT=$(free_port)
 

@@ -17,15 +17,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_RUN=${BENCH_SECONDS:-10}
 RATE=${BENCH_RATE:-6400}
 NS=benchgwcmp
-for tool in wrk hey nginx python3 psql curl; do
-  command -v "$tool" >/dev/null || { echo "bench-gateway-compare: $tool is required" >&2; exit 1; }
-done
-
-cargo build --release -q -p user-svc
-TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-
 BENCH_DBS=user
 source scripts/lib/bench.sh
+require wrk hey nginx python3 psql curl
+
+build_release user-svc
+
 USER_PORT=$(free_port); OLD_PORT=$(free_port); NEW_PORT=$(free_port); NGINX_PORT=$(free_port)
 
 export COMMERCE__USER__PORT=$USER_PORT

@@ -19,16 +19,13 @@ SECONDS_PER_RUN=${BENCH_SECONDS:-15}
 ROUNDS=${BENCH_ROUNDS:-3}
 CONNECTIONS=${BENCH_CONNECTIONS:-32}
 NS=benchgw
-for tool in wrk hey nginx python3 psql curl; do
-  command -v "$tool" >/dev/null || { echo "bench-gateway: $tool is required" >&2; exit 1; }
-done
-
-cargo build --release -q -p user-svc -p gateway
-TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-BIN="$TARGET/release"
-
 BENCH_DBS=user
 source scripts/lib/bench.sh
+require wrk hey nginx python3 psql curl
+
+build_release user-svc gateway
+BIN="$TARGET/release"
+
 USER_PORT=$(free_port); GATEWAY_PORT=$(free_port); NGINX_PORT=$(free_port)
 
 export COMMERCE__USER__PORT=$USER_PORT COMMERCE__GATEWAY__PORT=$GATEWAY_PORT

@@ -11,16 +11,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 REQUESTS=${REQUESTS:-5000}
 NS=gwinstr
-for tool in valgrind callgrind_control callgrind_annotate hey python3 psql curl; do
-  command -v "$tool" >/dev/null || { echo "gateway-instructions: $tool is required" >&2; exit 1; }
-done
-
-cargo build --release -q -p user-svc -p gateway
-TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-GATEWAY_BIN=${1:-$TARGET/release/gateway}
-
 BENCH_DBS=user
 source scripts/lib/bench.sh
+require valgrind callgrind_control callgrind_annotate hey python3 psql curl
+
+build_release user-svc gateway
+GATEWAY_BIN=${1:-$TARGET/release/gateway}
+
 USER_PORT=$(free_port); GATEWAY_PORT=$(free_port)
 
 export COMMERCE__GATEWAY__EVENT_LOOPS=1

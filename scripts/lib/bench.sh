@@ -1,8 +1,22 @@
 # Sourced by the benchmark scripts after they set NS (the namespace) and BENCH_DBS (the
 # services whose databases they create, e.g. "user product"): a scratch directory WORK,
 # a list PIDS of the processes they start, and all of it (databases included) removed on
-# exit; the services' settings exported (bench_env); wait_for and register_token. The namespace's queues stay (same names next run); its Redis keys expire by TTL.
+# exit; the services' settings exported; require, build_release, wait_for and
+# register_token. The namespace's queues stay (same names next run); its Redis keys expire by TTL.
 
+require() {
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "$(basename "$0" .sh): $tool is required" >&2; exit 1; }
+  done
+}
+# Builds the named packages' release binaries and sets TARGET, cargo's target directory.
+build_release() {
+  local package args=()
+  for package in "$@"; do args+=(-p "$package"); done
+  cargo build --release -q "${args[@]}"
+  TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 psql_ns() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
 drop_dbs() {
