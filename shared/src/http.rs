@@ -201,12 +201,31 @@ fn new_request_id() -> String {
         .to_string()
 }
 
-/// What the request-context middleware needs, shared by every request.
+/// What the request-context work needs, shared by every request.
 struct Common {
     service: Arc<str>,
     timeout: Duration,
     body_limit: usize,
     metrics: RequestMetrics,
+}
+
+/// What every request gets: request id and trace context, a body size limit, a time
+/// limit, the access log line and the HTTP metrics. The common layers run it for a
+/// router's routes; the gateway runs it for the paths it proxies without a router.
+#[derive(Clone)]
+pub struct RequestContext(Arc<Common>);
+
+impl RequestContext {
+    pub fn new(service: &str, settings: &crate::config::HttpSettings) -> Self {
+        // Installed before the first request caches its handles.
+        crate::metrics::handle();
+        Self(Arc::new(Common {
+            service: service.into(),
+            timeout: Duration::from_millis(settings.request_timeout_ms),
+            body_limit: settings.body_limit_bytes,
+            metrics: RequestMetrics::default(),
+        }))
+    }
 }
 
 /// The HTTP metric handles of each (route, method, status), looked up once: registering
@@ -307,92 +326,110 @@ pub async fn drain(body: axum::body::Body, declared: Option<usize>) {
     .await;
 }
 
-/// One middleware for what every request gets (each extra layer is one more boxed
-/// service cloned per request): request id and trace context, a body size limit, a time
-/// limit, the access log line and the HTTP metrics.
-async fn request_context(State(common): State<Arc<Common>>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let service = &common.service;
-    let request_id = header_str(&req, &REQUEST_ID)
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.is_ascii())
-        .unwrap_or_else(new_request_id);
-    let trace = header_str(&req, &TRACEPARENT)
-        .and_then(|h| TraceContext::parse(&h))
-        .map(|parent| parent.child())
-        .unwrap_or_else(TraceContext::new_root)
-        .with_request_id(Some(request_id.clone()));
+impl RequestContext {
+    /// Runs `handler` for `req` within the request's context; `route` is the matched
+    /// route pattern, the metrics' and the log's `route`.
+    pub async fn run<F, Fut>(&self, route: &str, req: Request, handler: F) -> Response
+    where
+        F: FnOnce(Request) -> Fut,
+        Fut: Future<Output = Response>,
+    {
+        let common = &self.0;
+        let started = Instant::now();
+        let service = &common.service;
+        let request_id = header_str(&req, &REQUEST_ID)
+            .filter(|id| !id.is_empty() && id.len() <= 128 && id.is_ascii())
+            .unwrap_or_else(new_request_id);
+        let trace = header_str(&req, &TRACEPARENT)
+            .and_then(|h| TraceContext::parse(&h))
+            .map(|parent| parent.child())
+            .unwrap_or_else(TraceContext::new_root)
+            .with_request_id(Some(request_id.clone()));
+        let method = req.method().clone();
+        // `correlation_id` is filled in by a handler that knows the saga (order-svc's POST
+        // /orders), so one id finds the request and every event it caused.
+        let span = tracing::info_span!(
+            "http",
+            service = %service,
+            %method,
+            route = %route,
+            request_id = %request_id,
+            trace_id = %trace.trace_id(),
+            correlation_id = tracing::field::Empty,
+        );
+        let traceparent = trace.traceparent();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let handle = async {
+            if declared.is_some_and(|length| length > common.body_limit) {
+                // Boxed, as a rare path, to keep every request's future small.
+                Box::pin(drain(req.into_body(), declared)).await;
+                return Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Some(format!(
+                        "the request body is larger than {} bytes",
+                        common.body_limit
+                    )),
+                )
+                .into_response();
+            }
+            // Bodies without a length are cut off at the limit while they are read.
+            let limit = common.body_limit;
+            let req =
+                req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
+            match tokio::time::timeout(common.timeout, handler(req)).await {
+                Ok(response) => response,
+                Err(_) => Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Some(format!(
+                        "the request took longer than {} ms",
+                        common.timeout.as_millis()
+                    )),
+                )
+                .into_response(),
+            }
+        };
+        let mut response = tracing::Instrument::instrument(trace.scope(handle), span.clone()).await;
+
+        let status = response.status();
+        let elapsed = started.elapsed();
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID, value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&traceparent) {
+            response.headers_mut().insert(TRACEPARENT, value);
+        }
+        let probe = is_probe(route);
+        common
+            .metrics
+            .record(service, route, &method, status.as_u16(), elapsed);
+        let _enter = span.enter();
+        let elapsed_ms = elapsed.as_millis() as u64;
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), elapsed_ms, "request failed");
+        } else if probe {
+            // Probes come every few seconds from every orchestrator; keep them out of the way.
+            tracing::debug!(status = status.as_u16(), elapsed_ms, "request");
+        } else {
+            tracing::info!(status = status.as_u16(), elapsed_ms, "request");
+        }
+        response
+    }
+}
+
+/// The request context as a router's outermost layer (one middleware: each extra layer
+/// is one more boxed service cloned per request).
+async fn request_context(
+    State(context): State<RequestContext>,
+    req: Request,
+    next: Next,
+) -> Response {
     let matched = req.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let method = req.method().clone();
-    // `correlation_id` is filled in by a handler that knows the saga (order-svc's POST
-    // /orders), so one id finds the request and every event it caused.
-    let span = tracing::info_span!(
-        "http",
-        service = %service,
-        %method,
-        route = %route,
-        request_id = %request_id,
-        trace_id = %trace.trace_id(),
-        correlation_id = tracing::field::Empty,
-    );
-    let traceparent = trace.traceparent();
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let handle = async {
-        if declared.is_some_and(|length| length > common.body_limit) {
-            drain(req.into_body(), declared).await;
-            return Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Some(format!(
-                    "the request body is larger than {} bytes",
-                    common.body_limit
-                )),
-            )
-            .into_response();
-        }
-        // Bodies without a length are cut off at the limit while they are read.
-        let limit = common.body_limit;
-        let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
-        match tokio::time::timeout(common.timeout, next.run(req)).await {
-            Ok(response) => response,
-            Err(_) => Problem::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                Some(format!(
-                    "the request took longer than {} ms",
-                    common.timeout.as_millis()
-                )),
-            )
-            .into_response(),
-        }
-    };
-    let mut response = tracing::Instrument::instrument(trace.scope(handle), span.clone()).await;
-
-    let status = response.status();
-    let elapsed = started.elapsed();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID, value);
-    }
-    if let Ok(value) = HeaderValue::from_str(&traceparent) {
-        response.headers_mut().insert(TRACEPARENT, value);
-    }
-    let probe = is_probe(route);
-    common
-        .metrics
-        .record(service, route, &method, status.as_u16(), elapsed);
-    let _enter = span.enter();
-    let elapsed_ms = elapsed.as_millis() as u64;
-    if status.is_server_error() {
-        tracing::warn!(status = status.as_u16(), elapsed_ms, "request failed");
-    } else if probe {
-        // Probes come every few seconds from every orchestrator; keep them out of the way.
-        tracing::debug!(status = status.as_u16(), elapsed_ms, "request");
-    } else {
-        tracing::info!(status = status.as_u16(), elapsed_ms, "request");
-    }
-    response
+    context.run(route, req, |req| next.run(req)).await
 }
 
 fn is_probe(route: &str) -> bool {
@@ -416,18 +453,11 @@ pub fn with_common_layers(
     service: &str,
     settings: &crate::config::HttpSettings,
 ) -> Router {
-    // Installed before the first request caches its handles.
-    crate::metrics::handle();
-    let common = Arc::new(Common {
-        service: service.into(),
-        timeout: Duration::from_millis(settings.request_timeout_ms),
-        body_limit: settings.body_limit_bytes,
-        metrics: RequestMetrics::default(),
-    });
+    let context = RequestContext::new(service, settings);
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(common, request_context))
+        .layer(middleware::from_fn_with_state(context, request_context))
 }
 
 /// One dependency's state for `/ready`.

@@ -2,11 +2,16 @@
 //! outbox relay, consumer and dead-letter ingest; serve HTTP; and on SIGTERM or Ctrl-C
 //! stop taking work, finish what is in hand, publish what it committed, then exit.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::extract::Request;
+use axum::response::Response;
+use futures_util::future::Either;
 use secrecy::ExposeSecret;
 use sqlx::{PgPool, migrate::Migrator};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -100,7 +105,7 @@ pub struct Service {
     infra: Infra,
     listener: TcpListener,
     port: u16,
-    router: Router,
+    app: App,
     shutdown: CancellationToken,
     workers: TaskTracker,
     relay_stop: CancellationToken,
@@ -113,6 +118,44 @@ pub struct Service {
 /// should return soon after the token is cancelled, and is awaited before exit.
 pub type Background =
     Box<dyn FnOnce(CancellationToken) -> futures_util::future::BoxFuture<'static, ()> + Send>;
+
+/// A service's whole HTTP side as one service.
+pub type HttpService = tower::util::BoxCloneSyncService<Request, Response, Infallible>;
+
+/// Something put in front of the service's router, given the router with the common
+/// layers on: the gateway answers the paths it proxies itself, without routing them
+/// through axum, and hands every other request to the router.
+pub type Front = Box<dyn FnOnce(Router) -> HttpService + Send>;
+
+/// What the listeners serve: the router, or a front before it.
+#[derive(Clone)]
+enum App {
+    Router(Router),
+    Front(HttpService),
+}
+
+impl tower::Service<Request> for App {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<
+        <Router as tower::Service<Request>>::Future,
+        <HttpService as tower::Service<Request>>::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self {
+            Self::Router(router) => tower::Service::<Request>::poll_ready(router, cx),
+            Self::Front(front) => front.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        match self {
+            Self::Router(router) => Either::Left(router.call(request)),
+            Self::Front(front) => Either::Right(front.call(request)),
+        }
+    }
+}
 
 /// What [`Service::start`] runs besides the HTTP routes.
 #[derive(Default)]
@@ -127,6 +170,7 @@ pub struct Work {
     /// own socket on the same port (`SO_REUSEPORT`), so the kernel spreads connections
     /// over them and a connection's requests stay on one thread, as in nginx's workers.
     pub event_loops: usize,
+    pub front: Option<Front>,
 }
 
 impl Service {
@@ -222,12 +266,16 @@ impl Service {
             infra.name,
             &settings.http,
         );
+        let app = match work.front {
+            Some(front) => App::Front(front(router)),
+            None => App::Router(router),
+        };
         tracing::info!(service = infra.name, port, "started");
         Ok(Self {
             infra,
             listener,
             port,
-            router,
+            app,
             shutdown,
             workers,
             relay_stop,
@@ -257,9 +305,9 @@ impl Service {
             }
             shutdown.cancel();
         };
-        let app = self
-            .router
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let app = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<
+            std::net::SocketAddr,
+        >(self.app);
         let mut loops = Vec::with_capacity(self.more_listeners.len());
         for (i, listener) in self.more_listeners.into_iter().enumerate() {
             let app = app.clone();

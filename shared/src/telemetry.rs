@@ -164,7 +164,8 @@ impl TraceContext {
         let _ = hex::encode_to_slice(self.trace_id, &mut out[3..35]);
         let _ = hex::encode_to_slice(self.span_id, &mut out[36..52]);
         out[54] = if self.sampled { b'1' } else { b'0' };
-        String::from_utf8_lossy(&out).into_owned()
+        // Hex digits and dashes only, so always UTF-8 (and checked fast as ASCII).
+        String::from_utf8(out.to_vec()).unwrap_or_default()
     }
 
     /// The context of the task running now, if one was set.
