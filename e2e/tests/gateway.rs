@@ -45,6 +45,17 @@ async fn the_gateway_forwards_what_it_should_and_drops_what_clients_must_not_set
         .await
         .expect("request");
     assert_eq!(response.status(), StatusCode::OK);
+    let answer = response.headers();
+    assert_eq!(
+        answer["x-request-id"], "req-echo-1",
+        "the client's id comes back"
+    );
+    assert_eq!(answer["x-content-type-options"], "nosniff");
+    assert_eq!(
+        answer["content-security-policy"],
+        "default-src 'none'; frame-ancestors 'none'"
+    );
+    let returned = answer["traceparent"].to_str().expect("ascii").to_owned();
     let echo: Value = response.json().await.expect("json");
     let headers = &echo["headers"];
     assert_eq!(echo["uri"], "/api/v1/orders?limit=5&cursor=abc");
@@ -71,6 +82,10 @@ async fn the_gateway_forwards_what_it_should_and_drops_what_clients_must_not_set
     assert!(
         !traceparent.contains("00f067aa0ba902b7"),
         "a span of the gateway's own"
+    );
+    assert!(
+        returned.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{returned}"
     );
 }
 
@@ -187,4 +202,22 @@ async fn cors_answers_configured_origins_only() {
     assert!(methods.contains("POST"), "{methods}");
     let other = preflight("https://evil.example").await.expect("preflight");
     assert!(!other.headers().contains_key("access-control-allow-origin"));
+
+    // A browser's request itself is proxied with the CORS headers on its answer.
+    let response = stack
+        .api(Method::GET, "/orders?from=browser")
+        .header("origin", "https://shop.example")
+        .send()
+        .await
+        .expect("cross-origin request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers();
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert!(headers.contains_key("x-request-id"));
+    let echo: Value = response.json().await.expect("json");
+    assert_eq!(echo["uri"], "/api/v1/orders?from=browser");
 }

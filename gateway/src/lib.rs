@@ -5,6 +5,7 @@
 mod admin;
 mod console;
 mod docs;
+mod front;
 mod proxy;
 mod rate_limit;
 mod upstream;
@@ -18,7 +19,6 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::any;
 use shared::Settings;
@@ -102,8 +102,8 @@ fn api_routes(state: AppState) -> Router {
         router = router.route(
             pattern,
             any(
-                move |state: State<AppState>,
-                      peer: ConnectInfo<std::net::SocketAddr>,
+                move |State(state): State<AppState>,
+                      ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
                       request: Request| {
                     proxy::forward(state, upstream, peer, request)
                 },
@@ -142,11 +142,8 @@ const SECURITY_HEADERS: [(HeaderName, HeaderValue); 5] = [
     ),
 ];
 
-/// The security headers (one middleware rather than a layer per header: each layer costs
-/// a boxed clone per request).
-async fn security_headers(request: Request, next: Next) -> Response {
-    let docs = request.uri().path().starts_with("/api/v1/docs");
-    let mut response = next.run(request).await;
+/// The security headers a response does not set itself; `docs` for the docs page.
+fn security_headers(response: &mut Response, docs: bool) {
     let headers = response.headers_mut();
     let csp = if docs { DOCS_CSP } else { API_CSP };
     for (name, value) in SECURITY_HEADERS
@@ -155,7 +152,6 @@ async fn security_headers(request: Request, next: Next) -> Response {
     {
         headers.entry(name).or_insert(value);
     }
-    response
 }
 
 fn cors(settings: &GatewaySettings) -> anyhow::Result<Option<CorsLayer>> {
@@ -244,6 +240,8 @@ impl Application {
             .iter()
             .map(|(u, base)| Ok((*u, upstream::Target::parse(base)?)))
             .collect::<anyhow::Result<_>>()?;
+        let context = shared::http::RequestContext::new(SERVICE, &settings.http);
+        let proxied = Arc::new(front::ProxiedRoutes::new(ROUTES)?);
         let state = AppState(Arc::new(Inner {
             docs: docs::Docs::new(upstreams.clone(), probe),
             upstreams,
@@ -258,18 +256,22 @@ impl Application {
         let mut router = api_routes(state.clone())
             .merge(admin::router(state.clone()))
             .merge(console::router())
-            .merge(docs::router(state));
-        if let Some(cors) = cors(&settings.gateway)? {
+            .merge(docs::router(state.clone()));
+        let cors = cors(&settings.gateway)?;
+        let cors_on = cors.is_some();
+        if let Some(cors) = cors {
             router = router.layer(cors);
         }
-        let router = router.layer(axum::middleware::from_fn(security_headers));
         let event_loops = match settings.gateway.event_loops {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
+        let front: shared::service::Front =
+            Box::new(move |router| front::Front::service(state, context, proxied, router, cors_on));
         let work = Work {
             checks,
             event_loops,
+            front: Some(front),
             ..Work::default()
         };
         let service = Service::start(infra, settings.gateway.port, router, work).await?;

@@ -153,14 +153,17 @@ impl RateLimiter {
         let interval = (60_000_000 / i64::from(policy.per_minute.max(1))).max(1);
         let limit = policy.burst.max(1);
         let mut conn = self.redis.clone();
-        let (granted, remaining, retry_after, reset): (i64, i64, i64, i64) = self
-            .script
-            .key(&key)
-            .arg(interval)
-            .arg(limit)
-            .arg(want)
-            .invoke_async(&mut conn)
-            .await?;
+        // Boxed: most checks end at the lease above, and the call's state would make
+        // each of their futures larger.
+        let (granted, remaining, retry_after, reset): (i64, i64, i64, i64) = Box::pin(
+            self.script
+                .key(&key)
+                .arg(interval)
+                .arg(limit)
+                .arg(want)
+                .invoke_async(&mut conn),
+        )
+        .await?;
         let granted = u32::try_from(granted).unwrap_or(0);
         let remaining = u32::try_from(remaining).unwrap_or(0);
         let reset = micros(reset);
