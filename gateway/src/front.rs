@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request};
@@ -16,8 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use futures_util::future::BoxFuture;
 use shared::http::{Problem, RequestContext};
-use shared::service::HttpService;
-use tower::Service;
+use tower::Service as _;
 
 use crate::AppState;
 use crate::proxy::{self, Upstream};
@@ -40,7 +38,6 @@ impl ProxiedRoutes {
     }
 }
 
-#[derive(Clone)]
 pub struct Front {
     state: AppState,
     context: RequestContext,
@@ -50,14 +47,14 @@ pub struct Front {
 }
 
 impl Front {
-    pub fn service(
+    pub fn shared(
         state: AppState,
         context: RequestContext,
         routes: Arc<ProxiedRoutes>,
         router: Router,
         cors: bool,
-    ) -> HttpService {
-        HttpService::new(Self {
+    ) -> Arc<dyn shared::service::Front> {
+        Arc::new(Self {
             state,
             context,
             routes,
@@ -67,16 +64,8 @@ impl Front {
     }
 }
 
-impl Service<Request> for Front {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
+impl shared::service::Front for Front {
+    fn call(&self, request: Request) -> BoxFuture<'static, Result<Response, Infallible>> {
         let browser = self.cors && request.headers().contains_key(header::ORIGIN);
         let proxied = if browser {
             None
@@ -85,7 +74,8 @@ impl Service<Request> for Front {
         };
         let Some((route, upstream)) = proxied else {
             let docs = request.uri().path().starts_with("/api/v1/docs");
-            let routed = self.router.call(request);
+            // The router is always ready; a clone is one reference count.
+            let routed = self.router.clone().call(request);
             return Box::pin(async move {
                 let mut response = routed.await?;
                 crate::security_headers(&mut response, docs);

@@ -266,8 +266,8 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
-        let front: shared::service::Front =
-            Box::new(move |router| front::Front::service(state, context, proxied, router, cors_on));
+        let front: shared::service::MakeFront =
+            Box::new(move |router| front::Front::shared(state, context, proxied, router, cors_on));
         let work = Work {
             checks,
             event_loops,

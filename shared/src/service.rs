@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::extract::Request;
 use axum::response::Response;
-use futures_util::future::Either;
+use futures_util::future::{BoxFuture, Either};
 use secrecy::ExposeSecret;
 use sqlx::{PgPool, migrate::Migrator};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -119,19 +119,22 @@ pub struct Service {
 pub type Background =
     Box<dyn FnOnce(CancellationToken) -> futures_util::future::BoxFuture<'static, ()> + Send>;
 
-/// A service's whole HTTP side as one service.
-pub type HttpService = tower::util::BoxCloneSyncService<Request, Response, Infallible>;
-
-/// Something put in front of the service's router, given the router with the common
+/// Something put in front of a service's router, holding the router with the common
 /// layers on: the gateway answers the paths it proxies itself, without routing them
 /// through axum, and hands every other request to the router.
-pub type Front = Box<dyn FnOnce(Router) -> HttpService + Send>;
+pub trait Front: Send + Sync + 'static {
+    fn call(&self, request: Request) -> BoxFuture<'static, Result<Response, Infallible>>;
+}
 
-/// What the listeners serve: the router, or a front before it.
+/// Builds the front, given the router.
+pub type MakeFront = Box<dyn FnOnce(Router) -> Arc<dyn Front> + Send>;
+
+/// What the listeners serve: the router, or a front before it. Cloned per request, so
+/// the front is shared rather than boxed anew.
 #[derive(Clone)]
 enum App {
     Router(Router),
-    Front(HttpService),
+    Front(Arc<dyn Front>),
 }
 
 impl tower::Service<Request> for App {
@@ -139,13 +142,13 @@ impl tower::Service<Request> for App {
     type Error = Infallible;
     type Future = Either<
         <Router as tower::Service<Request>>::Future,
-        <HttpService as tower::Service<Request>>::Future,
+        BoxFuture<'static, Result<Response, Infallible>>,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         match self {
             Self::Router(router) => tower::Service::<Request>::poll_ready(router, cx),
-            Self::Front(front) => front.poll_ready(cx),
+            Self::Front(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -170,7 +173,7 @@ pub struct Work {
     /// own socket on the same port (`SO_REUSEPORT`), so the kernel spreads connections
     /// over them and a connection's requests stay on one thread, as in nginx's workers.
     pub event_loops: usize,
-    pub front: Option<Front>,
+    pub front: Option<MakeFront>,
 }
 
 impl Service {
