@@ -220,4 +220,15 @@ async fn cors_answers_configured_origins_only() {
     assert!(headers.contains_key("x-request-id"));
     let echo: Value = response.json().await.expect("json");
     assert_eq!(echo["uri"], "/api/v1/orders?from=browser");
+
+    // An answer without CORS headers must not be cached for browsers either.
+    let response = stack
+        .api(Method::GET, "/orders")
+        .send()
+        .await
+        .expect("request without an origin");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(!response.headers().contains_key("access-control-allow-origin"));
+    let vary = response.headers()["vary"].to_str().expect("ascii");
+    assert!(vary.contains("origin"), "{vary}");
 }

@@ -1,21 +1,23 @@
 //! What the listeners serve: a request to a path of another service goes straight to the
 //! proxy, within the request context every request gets, instead of through axum's
 //! routing and its per-route layers (a boxed service cloned and a boxed future per
-//! layer and request). Every other request goes to the router: the gateway's own
-//! routes, and, when CORS is configured, requests that carry an `Origin`, which the
-//! router's CORS layer answers. Both get the security headers.
+//! layer and request). Every other request goes to the router: the gateway's own routes
+//! and the 404 of unknown paths. Both get the CORS layer, when configured, and the
+//! security headers, as every route did when the router served them all.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request};
-use axum::http::{StatusCode, header};
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use shared::http::{Problem, RequestContext};
-use tower::Service as _;
+use tower::Service;
+use tower_http::cors::{Cors, CorsLayer};
 
 use crate::AppState;
 use crate::proxy::{self, Upstream};
@@ -38,22 +40,71 @@ impl ProxiedRoutes {
     }
 }
 
+/// A request's service, for the proxy behind the CORS layer.
+#[derive(Clone, Copy)]
+struct Destination(Upstream);
+
+/// The proxy as a service, for the CORS layer to wrap.
+#[derive(Clone)]
+struct Proxy(AppState);
+
+impl Service<Request> for Proxy {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            let Some(Destination(upstream)) = request.extensions().get().copied() else {
+                return Ok(unknown("service"));
+            };
+            Ok(forward(state, upstream, request).await)
+        })
+    }
+}
+
+async fn forward(state: AppState, upstream: Upstream, request: Request) -> Response {
+    match request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied()
+    {
+        Some(ConnectInfo(peer)) => proxy::forward(state, upstream, peer, request).await,
+        None => unknown("client address"),
+    }
+}
+
+/// What the listeners always set was missing: never served from a listener.
+fn unknown(what: &str) -> Response {
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Some(format!("the request's {what} is unknown")),
+    )
+    .into_response()
+}
+
 pub struct Front {
     state: AppState,
     context: RequestContext,
-    routes: Arc<ProxiedRoutes>,
+    routes: ProxiedRoutes,
     router: Router,
-    cors: bool,
+    cors: Option<Cors<Proxy>>,
 }
 
 impl Front {
     pub fn shared(
         state: AppState,
         context: RequestContext,
-        routes: Arc<ProxiedRoutes>,
+        routes: ProxiedRoutes,
         router: Router,
-        cors: bool,
+        cors: Option<CorsLayer>,
     ) -> Arc<dyn shared::service::Front> {
+        let cors = cors.map(|layer| tower::Layer::layer(&layer, Proxy(state.clone())));
         Arc::new(Self {
             state,
             context,
@@ -66,13 +117,7 @@ impl Front {
 
 impl shared::service::Front for Front {
     fn call(&self, request: Request) -> BoxFuture<'static, Result<Response, Infallible>> {
-        let browser = self.cors && request.headers().contains_key(header::ORIGIN);
-        let proxied = if browser {
-            None
-        } else {
-            self.routes.at(request.uri().path())
-        };
-        let Some((route, upstream)) = proxied else {
+        let Some((route, upstream)) = self.routes.at(request.uri().path()) else {
             let docs = request.uri().path().starts_with("/api/v1/docs");
             // The router is always ready; a clone is one reference count.
             let routed = self.router.clone().call(request);
@@ -84,22 +129,17 @@ impl shared::service::Front for Front {
         };
         let state = self.state.clone();
         let context = self.context.clone();
+        let cors = self.cors.clone();
         Box::pin(async move {
-            let peer = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .copied();
             let mut response = context
-                .run(route, request, |request| async move {
-                    match peer {
-                        Some(ConnectInfo(peer)) => {
-                            proxy::forward(state, upstream, peer, request).await
+                .run(route, request, |mut request| async move {
+                    match cors {
+                        Some(mut cors) => {
+                            request.extensions_mut().insert(Destination(upstream));
+                            let Ok(response) = cors.call(request).await;
+                            response
                         }
-                        // Served without the peer's address: never from a listener.
-                        None => axum::response::IntoResponse::into_response(Problem::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            Some("the client's address is unknown".into()),
-                        )),
+                        None => forward(state, upstream, request).await,
                     }
                 })
                 .await;

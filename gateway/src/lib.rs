@@ -16,11 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::Response;
-use axum::routing::any;
 use shared::Settings;
 use shared::auth::Verifier;
 use shared::config::GatewaySettings;
@@ -95,23 +92,6 @@ const ROUTES: &[(&str, Upstream)] = &[
     ("/api/v1/admin/users", Upstream::User),
     ("/api/v1/admin/notifications", Upstream::Notification),
 ];
-
-fn api_routes(state: AppState) -> Router {
-    let mut router = Router::new();
-    for &(pattern, upstream) in ROUTES {
-        router = router.route(
-            pattern,
-            any(
-                move |State(state): State<AppState>,
-                      ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
-                      request: Request| {
-                    proxy::forward(state, upstream, peer, request)
-                },
-            ),
-        );
-    }
-    router.with_state(state)
-}
 
 /// API answers are data for programs, never documents to render or frame; the docs page
 /// is a document and needs its own scripts and styles.
@@ -241,7 +221,7 @@ impl Application {
             .map(|(u, base)| Ok((*u, upstream::Target::parse(base)?)))
             .collect::<anyhow::Result<_>>()?;
         let context = shared::http::RequestContext::new(SERVICE, &settings.http);
-        let proxied = Arc::new(front::ProxiedRoutes::new(ROUTES)?);
+        let proxied = front::ProxiedRoutes::new(ROUTES)?;
         let state = AppState(Arc::new(Inner {
             docs: docs::Docs::new(upstreams.clone(), probe),
             upstreams,
@@ -253,21 +233,19 @@ impl Application {
             body_limit,
             upstream_metrics: proxy::UpstreamMetrics::default(),
         }));
-        let mut router = api_routes(state.clone())
-            .merge(admin::router(state.clone()))
+        let mut router = admin::router(state.clone())
             .merge(console::router())
             .merge(docs::router(state.clone()));
         let cors = cors(&settings.gateway)?;
-        let cors_on = cors.is_some();
-        if let Some(cors) = cors {
-            router = router.layer(cors);
+        if let Some(cors) = &cors {
+            router = router.layer(cors.clone());
         }
         let event_loops = match settings.gateway.event_loops {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
         let front: shared::service::MakeFront =
-            Box::new(move |router| front::Front::shared(state, context, proxied, router, cors_on));
+            Box::new(move |router| front::Front::shared(state, context, proxied, router, cors));
         let work = Work {
             checks,
             event_loops,

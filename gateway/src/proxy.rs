@@ -144,18 +144,13 @@ fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
 }
 
 fn rate_limit_headers(headers: &mut HeaderMap, decision: &Decision) {
-    let pairs = [
-        (RATELIMIT_LIMIT, u64::from(decision.limit)),
-        (RATELIMIT_REMAINING, u64::from(decision.remaining)),
-        (RATELIMIT_RESET, decision.reset.as_secs().max(1)),
-    ];
-    // itoa, not `HeaderValue::from(u64)`, which goes through `fmt`.
-    let mut digits = itoa::Buffer::new();
-    for (name, value) in pairs {
-        if let Ok(value) = HeaderValue::from_str(digits.format(value)) {
-            headers.insert(name, value);
-        }
-    }
+    // `From<u64>` writes the digits with itoa and, being digits, skips validation.
+    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(decision.limit));
+    headers.insert(RATELIMIT_REMAINING, HeaderValue::from(decision.remaining));
+    headers.insert(
+        RATELIMIT_RESET,
+        HeaderValue::from(decision.reset.as_secs().max(1)),
+    );
 }
 
 /// How a call to a service ended, as the `status` label of its duration.
