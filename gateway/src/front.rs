@@ -68,6 +68,12 @@ impl Service<Request> for Proxy {
     }
 }
 
+async fn through_cors(cors: &Cors<Proxy>, upstream: Upstream, mut request: Request) -> Response {
+    request.extensions_mut().insert(Destination(upstream));
+    let Ok(response) = cors.clone().call(request).await;
+    response
+}
+
 async fn forward(state: AppState, upstream: Upstream, request: Request) -> Response {
     match request
         .extensions()
@@ -93,7 +99,7 @@ pub struct Front {
     context: RequestContext,
     routes: ProxiedRoutes,
     router: Router,
-    cors: Option<Cors<Proxy>>,
+    cors: Option<Arc<Cors<Proxy>>>,
 }
 
 impl Front {
@@ -104,7 +110,7 @@ impl Front {
         router: Router,
         cors: Option<CorsLayer>,
     ) -> Arc<dyn shared::service::Front> {
-        let cors = cors.map(|layer| tower::Layer::layer(&layer, Proxy(state.clone())));
+        let cors = cors.map(|layer| Arc::new(tower::Layer::layer(&layer, Proxy(state.clone()))));
         Arc::new(Self {
             state,
             context,
@@ -132,13 +138,11 @@ impl shared::service::Front for Front {
         let cors = self.cors.clone();
         Box::pin(async move {
             let mut response = context
-                .run(route, request, |mut request| async move {
+                .run(route, request, |request| async move {
                     match cors {
-                        Some(mut cors) => {
-                            request.extensions_mut().insert(Destination(upstream));
-                            let Ok(response) = cors.call(request).await;
-                            response
-                        }
+                        // Boxed, so that without CORS the future is not the size of
+                        // the layer's.
+                        Some(cors) => Box::pin(through_cors(&cors, upstream, request)).await,
                         None => forward(state, upstream, request).await,
                     }
                 })
