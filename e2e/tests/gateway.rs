@@ -228,7 +228,11 @@ async fn cors_answers_configured_origins_only() {
         .await
         .expect("request without an origin");
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(!response.headers().contains_key("access-control-allow-origin"));
+    assert!(
+        !response
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
     let vary = response.headers()["vary"].to_str().expect("ascii");
     assert!(vary.contains("origin"), "{vary}");
 }
