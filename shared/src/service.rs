@@ -11,10 +11,14 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::extract::Request;
 use axum::response::Response;
+use axum::serve::{Listener, ListenerExt as _};
 use futures_util::future::{BoxFuture, Either};
 use secrecy::ExposeSecret;
 use sqlx::{PgPool, migrate::Migrator};
-use tokio::{net::TcpListener, task::JoinHandle};
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::config::Settings;
@@ -110,8 +114,8 @@ pub struct Service {
     workers: TaskTracker,
     relay_stop: CancellationToken,
     relay: Option<JoinHandle<()>>,
-    /// Listeners of the event loops beyond the first.
-    more_listeners: Vec<std::net::TcpListener>,
+    /// HTTP event loops, the first included.
+    event_loops: usize,
 }
 
 /// A task of the service's own (a sweeper, a scheduler), given the shutdown token: it
@@ -169,9 +173,9 @@ pub struct Work {
     pub checks: Vec<Check>,
     pub background: Vec<Background>,
     /// HTTP event loops; 0 and 1 both mean one, on the runtime `run_until_stopped` is
-    /// awaited on. More are each a single-threaded runtime on its own thread with its
-    /// own socket on the same port (`SO_REUSEPORT`), so the kernel spreads connections
-    /// over them and a connection's requests stay on one thread, as in nginx's workers.
+    /// awaited on. More are each a single-threaded runtime on its own thread; the first
+    /// loop accepts and hands connections to the others in turn, and a connection's
+    /// requests stay on one thread, as in nginx's workers.
     pub event_loops: usize,
     pub front: Option<MakeFront>,
 }
@@ -247,19 +251,11 @@ impl Service {
             workers.spawn(task(shutdown.child_token()));
         }
 
-        let loops = work.event_loops.max(1);
-        let listener = bind(&settings.http.host, port, loops > 1)
+        let listener = TcpListener::bind((settings.http.host.as_str(), port))
             .await
             .with_context(|| format!("binding {}:{port}", settings.http.host))?;
         let address = listener.local_addr()?;
         let port = address.port();
-        let mut more_listeners = Vec::with_capacity(loops - 1);
-        for _ in 1..loops {
-            let more = bind(&settings.http.host, port, true)
-                .await
-                .with_context(|| format!("binding {address} for another event loop"))?;
-            more_listeners.push(more.into_std()?);
-        }
         let router = match &infra.pool {
             Some(_) => router.merge(dead_letter_admin(&infra, address, &workers, &shutdown)?),
             None => router,
@@ -283,7 +279,7 @@ impl Service {
             workers,
             relay_stop,
             relay,
-            more_listeners,
+            event_loops: work.event_loops.max(1),
         })
     }
 
@@ -311,21 +307,23 @@ impl Service {
         let app = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<
             std::net::SocketAddr,
         >(self.app);
-        let mut loops = Vec::with_capacity(self.more_listeners.len());
-        for (i, listener) in self.more_listeners.into_iter().enumerate() {
+        let mut others = Vec::with_capacity(self.event_loops - 1);
+        let mut loops = Vec::with_capacity(self.event_loops - 1);
+        for i in 1..self.event_loops {
+            let (handoff, connections) = mpsc::unbounded_channel();
+            others.push(handoff);
             let app = app.clone();
             let stopped = self.shutdown.clone().cancelled_owned();
             let stopped_tick = self.shutdown.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("http-loop-{}", i + 1))
+                .name(format!("http-loop-{i}"))
                 .spawn(move || -> anyhow::Result<()> {
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()?;
                     runtime.block_on(async move {
                         tokio::spawn(keep_timer_armed(stopped_tick));
-                        let listener = TcpListener::from_std(listener)?;
-                        axum::serve(listener, app)
+                        axum::serve(Handed(connections).tap_io(no_delay), app)
                             .with_graceful_shutdown(stopped)
                             .await
                     })?;
@@ -336,7 +334,12 @@ impl Service {
             loops.push(thread);
         }
         tokio::spawn(keep_timer_armed(self.shutdown.clone()));
-        let mut served = axum::serve(self.listener, app)
+        let listener = Spreading {
+            listener: self.listener,
+            others,
+            next: 0,
+        };
+        let mut served = axum::serve(listener.tap_io(no_delay), app)
             .with_graceful_shutdown(stop)
             .await
             .map_err(anyhow::Error::from);
@@ -386,23 +389,84 @@ async fn keep_timer_armed(stop: CancellationToken) {
     }
 }
 
-/// A listening socket; `shared` lets other sockets listen on the same port.
-async fn bind(host: &str, port: u16, shared: bool) -> anyhow::Result<TcpListener> {
-    if !shared {
-        return Ok(TcpListener::bind((host, port)).await?);
+/// A connection the first event loop hands to another.
+type Handoff = (std::net::TcpStream, SocketAddr);
+
+/// The first event loop's listener: it accepts every connection and keeps every n-th,
+/// handing the others in turn to the other loops. With a socket per loop
+/// (`SO_REUSEPORT`) the kernel spread connections by a hash, and a few long-lived ones
+/// (a load balancer's, a benchmark's) often landed 60/40 on two loops, the busier one
+/// then queueing requests while the other had time to spare.
+struct Spreading {
+    listener: TcpListener,
+    others: Vec<mpsc::UnboundedSender<Handoff>>,
+    next: usize,
+}
+
+impl Listener for Spreading {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            let (io, address) = Listener::accept(&mut self.listener).await;
+            let turn = self.next;
+            self.next = (turn + 1) % (self.others.len() + 1);
+            let Some(other) = turn.checked_sub(1).and_then(|i| self.others.get(i)) else {
+                return (io, address);
+            };
+            match io.into_std() {
+                Ok(stream) => match other.send((stream, address)) {
+                    Ok(()) => {}
+                    // That loop has stopped: this one serves the connection.
+                    Err(mpsc::error::SendError((stream, address))) => {
+                        match TcpStream::from_std(stream) {
+                            Ok(io) => return (io, address),
+                            Err(error) => tracing::warn!(%error, "taking a connection back"),
+                        }
+                    }
+                },
+                Err(error) => tracing::warn!(%error, "handing a connection to another event loop"),
+            }
+        }
     }
-    let address = tokio::net::lookup_host((host, port))
-        .await?
-        .next()
-        .with_context(|| format!("{host} has no address"))?;
-    let socket = match address {
-        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(address)?;
-    Ok(socket.listen(1024)?)
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Another event loop's listener: the connections the first loop hands over.
+struct Handed(mpsc::UnboundedReceiver<Handoff>);
+
+impl Listener for Handed {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            let Some((stream, address)) = self.0.recv().await else {
+                // The first loop has stopped accepting; shutdown ends this one.
+                return std::future::pending().await;
+            };
+            // Registers the connection with this loop's reactor.
+            match TcpStream::from_std(stream) {
+                Ok(io) => return (io, address),
+                Err(error) => tracing::warn!(%error, "taking over a connection"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Err(std::io::Error::other("a loop of handed-over connections"))
+    }
+}
+
+/// Answers go out as soon as they are written, as with nginx's `tcp_nodelay`.
+fn no_delay(io: &mut TcpStream) {
+    if let Err(error) = io.set_nodelay(true) {
+        tracing::debug!(%error, "TCP_NODELAY on an accepted connection");
+    }
 }
 
 /// The dead-letter admin routes of a service with a database, and the tasks behind
@@ -485,4 +549,61 @@ where
     crate::telemetry::init(&settings);
     let service: Service = build(settings).await?.into();
     service.run_until_stopped().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_are_handed_to_the_other_loops_in_turn_and_kept_once_a_loop_stops() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (handoff, mut handed) = mpsc::unbounded_channel();
+        let mut spreading = Spreading {
+            listener,
+            others: vec![handoff],
+            next: 0,
+        };
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(address).await.expect("connect"));
+        }
+        let clients: Vec<SocketAddr> = clients
+            .iter()
+            .map(|c| c.local_addr().expect("addr"))
+            .collect();
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            kept.push(Listener::accept(&mut spreading).await.1);
+        }
+        let mut given = Vec::new();
+        while let Ok((_, peer)) = handed.try_recv() {
+            given.push(peer);
+        }
+        assert_eq!(kept, [clients[0], clients[2]], "every other one kept");
+        assert_eq!(given, [clients[1]], "the others handed over");
+
+        drop(handed);
+        let late = TcpStream::connect(address).await.expect("connect");
+        let late_two = TcpStream::connect(address).await.expect("connect");
+        // A connection lost on the way would leave the accept waiting: fail instead.
+        let within = Duration::from_secs(10);
+        let first = tokio::time::timeout(within, Listener::accept(&mut spreading))
+            .await
+            .expect("the first late connection")
+            .1;
+        let second = tokio::time::timeout(within, Listener::accept(&mut spreading))
+            .await
+            .expect("the second late connection")
+            .1;
+        assert_eq!(
+            [first, second],
+            [
+                late.local_addr().expect("addr"),
+                late_two.local_addr().expect("addr")
+            ],
+            "with the other loop gone, this one serves them all"
+        );
+    }
 }
