@@ -725,12 +725,16 @@ async fn without_an_smtp_url_mail_is_written_as_eml_files() {
         .publish(&user_registered(Uuid::now_v7(), &email, "Kim", "seller"))
         .await;
 
+    // A mail is written to a `.partial` file first, then renamed: wait for the rename.
     let files: Vec<PathBuf> = eventually("an .eml file", || async {
         let files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
-        (!files.is_empty()).then_some(files)
+        let written = files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "eml"));
+        written.then_some(files)
     })
     .await;
     assert_eq!(files.len(), 1, "{files:?}");
