@@ -3,6 +3,7 @@
 //! stop taking work, finish what is in hand, publish what it committed, then exit.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,7 +16,6 @@ use axum::serve::{Listener, ListenerExt as _};
 use futures_util::future::{BoxFuture, Either};
 use secrecy::ExposeSecret;
 use sqlx::{PgPool, migrate::Migrator};
-use std::net::SocketAddr;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -304,9 +304,9 @@ impl Service {
             }
             shutdown.cancel();
         };
-        let app = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<
-            std::net::SocketAddr,
-        >(self.app);
+        let app = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(
+            self.app,
+        );
         let mut others = Vec::with_capacity(self.event_loops - 1);
         let mut loops = Vec::with_capacity(self.event_loops - 1);
         for i in 1..self.event_loops {
@@ -395,7 +395,7 @@ type Handoff = (std::net::TcpStream, SocketAddr);
 /// The first event loop's listener: it accepts every connection and keeps every n-th,
 /// handing the others in turn to the other loops. With a socket per loop
 /// (`SO_REUSEPORT`) the kernel spread connections by a hash, and a few long-lived ones
-/// (a load balancer's, a benchmark's) often landed 60/40 on two loops, the busier one
+/// (a load balancer's, a benchmark's) could land 63/37 on two loops, the busier one
 /// then queueing requests while the other had time to spare.
 struct Spreading {
     listener: TcpListener,
