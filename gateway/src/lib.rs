@@ -220,7 +220,6 @@ impl Application {
             .iter()
             .map(|(u, base)| Ok((*u, upstream::Target::parse(base)?)))
             .collect::<anyhow::Result<_>>()?;
-        let context = shared::http::RequestContext::new(SERVICE, &settings.http);
         let proxied = front::ProxiedRoutes::new(ROUTES)?;
         let state = AppState(Arc::new(Inner {
             docs: docs::Docs::new(upstreams.clone(), probe),
@@ -244,8 +243,9 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
-        let front: shared::service::MakeFront =
-            Box::new(move |router| front::Front::shared(state, context, proxied, router, cors));
+        let front: shared::service::MakeFront = Box::new(move |router, context| {
+            front::Front::shared(state, context, proxied, router, cors)
+        });
         let work = Work {
             checks,
             event_loops,

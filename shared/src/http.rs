@@ -453,7 +453,11 @@ pub fn with_common_layers(
     service: &str,
     settings: &crate::config::HttpSettings,
 ) -> Router {
-    let context = RequestContext::new(service, settings);
+    with_context(router, RequestContext::new(service, settings))
+}
+
+/// [`with_common_layers`] with a context the caller also uses elsewhere (a front).
+pub fn with_context(router: Router, context: RequestContext) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

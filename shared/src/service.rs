@@ -130,8 +130,8 @@ pub trait Front: Send + Sync + 'static {
     fn call(&self, request: Request) -> BoxFuture<'static, Result<Response, Infallible>>;
 }
 
-/// Builds the front, given the router.
-pub type MakeFront = Box<dyn FnOnce(Router) -> Arc<dyn Front> + Send>;
+/// Builds the front, given the router and the request context its routes run in.
+pub type MakeFront = Box<dyn FnOnce(Router, http::RequestContext) -> Arc<dyn Front> + Send>;
 
 /// What the listeners serve: the router, or a front before it. Cloned per request, so
 /// the front is shared rather than boxed anew.
@@ -260,13 +260,13 @@ impl Service {
             Some(_) => router.merge(dead_letter_admin(&infra, address, &workers, &shutdown)?),
             None => router,
         };
-        let router = http::with_common_layers(
+        let context = http::RequestContext::new(infra.name, &settings.http);
+        let router = http::with_context(
             http::probe_routes(infra.name, checks, queue_gauges).merge(router),
-            infra.name,
-            &settings.http,
+            context.clone(),
         );
         let app = match work.front {
-            Some(front) => App::Front(front(router)),
+            Some(front) => App::Front(front(router, context)),
             None => App::Router(router),
         };
         tracing::info!(service = infra.name, port, "started");
