@@ -5,14 +5,13 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::Request;
 use axum::response::Response;
-use axum::serve::{Listener, ListenerExt as _};
+use axum::serve::Listener;
 use futures_util::future::{BoxFuture, Either};
 use secrecy::ExposeSecret;
 use sqlx::{PgPool, migrate::Migrator};
@@ -127,21 +126,33 @@ pub type Background =
 /// layers on: the gateway answers the paths it proxies itself, without routing them
 /// through axum, and hands every other request to the router.
 pub trait Front: Send + Sync + 'static {
-    fn call(&self, request: Request) -> BoxFuture<'static, Result<Response, Infallible>>;
+    /// One request from the client at `peer`.
+    fn call(
+        &self,
+        peer: SocketAddr,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Response, Infallible>>;
 }
 
 /// Builds the front, given the router and the request context its routes run in.
 pub type MakeFront = Box<dyn FnOnce(Router, http::RequestContext) -> Arc<dyn Front> + Send>;
 
-/// What the listeners serve: the router, or a front before it. Cloned per request, so
-/// the front is shared rather than boxed anew.
+/// What the listeners serve: the router, or a front before it. Cloned per connection,
+/// so the front is shared rather than boxed anew.
 #[derive(Clone)]
 enum App {
     Router(Router),
     Front(Arc<dyn Front>),
 }
 
-impl tower::Service<Request> for App {
+/// One connection's requests, handed to hyper directly: no protocol sniffing, no
+/// extension map made for the client's address, no service readiness to poll.
+struct Connection {
+    app: App,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Connection {
     type Response = Response;
     type Error = Infallible;
     type Future = Either<
@@ -149,19 +160,47 @@ impl tower::Service<Request> for App {
         BoxFuture<'static, Result<Response, Infallible>>,
     >;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        match self {
-            Self::Router(router) => tower::Service::<Request>::poll_ready(router, cx),
-            Self::Front(_) => Poll::Ready(Ok(())),
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let request = request.map(axum::body::Body::new);
+        match &self.app {
+            // A router is always ready; its clone is one reference count.
+            App::Router(router) => Either::Left(tower::Service::call(&mut router.clone(), request)),
+            App::Front(front) => Either::Right(front.call(self.peer, request)),
         }
     }
+}
 
-    fn call(&mut self, request: Request) -> Self::Future {
-        match self {
-            Self::Router(router) => Either::Left(router.call(request)),
-            Self::Front(front) => Either::Right(front.call(request)),
-        }
+/// Serves HTTP/1.1 on every connection `listener` accepts until `stop` completes; then
+/// stops accepting, lets each connection finish the request in hand, and returns when
+/// all have closed.
+async fn serve_http<L>(mut listener: L, app: App, stop: impl Future<Output = ()>)
+where
+    L: Listener<Io = TcpStream, Addr = SocketAddr>,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        no_delay(&io);
+        let connection = hyper::server::conn::http1::Builder::new().serve_connection(
+            hyper_util::rt::TokioIo::new(io),
+            Connection {
+                app: app.clone(),
+                peer,
+            },
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
     }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// What [`Service::start`] runs besides the HTTP routes.
@@ -304,9 +343,7 @@ impl Service {
             }
             shutdown.cancel();
         };
-        let app = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(
-            self.app,
-        );
+        let app = self.app;
         let mut others = Vec::with_capacity(self.event_loops - 1);
         let mut loops = Vec::with_capacity(self.event_loops - 1);
         for i in 1..self.event_loops {
@@ -323,10 +360,8 @@ impl Service {
                         .build()?;
                     runtime.block_on(async move {
                         tokio::spawn(keep_timer_armed(stopped_tick));
-                        axum::serve(Handed(connections).tap_io(no_delay), app)
-                            .with_graceful_shutdown(stopped)
-                            .await
-                    })?;
+                        serve_http(Handed(connections), app, stopped).await;
+                    });
                     Ok(())
                 })
                 .context("starting an HTTP event loop")
@@ -339,13 +374,11 @@ impl Service {
             others,
             next: 0,
         };
-        let mut served = axum::serve(listener.tap_io(no_delay), app)
-            .with_graceful_shutdown(stop)
-            .await
-            .map_err(anyhow::Error::from);
-        // The HTTP side stopped (or failed): stop the other loops and the consumers too,
-        // whatever the reason.
+        serve_http(listener, app, stop).await;
+        // The first loop stopped, on a signal or the token: stop the other loops and the
+        // consumers too.
         self.shutdown.cancel();
+        let mut served = Ok(());
         for thread in loops {
             let joined = tokio::task::spawn_blocking(move || thread.join()).await;
             let result = match joined {
@@ -463,7 +496,7 @@ impl Listener for Handed {
 }
 
 /// Answers go out as soon as they are written, as with nginx's `tcp_nodelay`.
-fn no_delay(io: &mut TcpStream) {
+fn no_delay(io: &TcpStream) {
     if let Err(error) = io.set_nodelay(true) {
         tracing::debug!(%error, "TCP_NODELAY on an accepted connection");
     }
