@@ -6,6 +6,8 @@
 # count for nginx (one worker, proxy_pass with keep-alive) in front of the same user-svc.
 #
 #   scripts/gateway-instructions.sh [GATEWAY_BIN]     # REQUESTS=5000; needs valgrind, hey
+#
+# KEEP_CALLGRIND=DIR keeps the callgrind output there, for a per-function breakdown.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -39,6 +41,7 @@ count() {
   callgrind_control -z "$pid" >/dev/null 2>&1
   hey -n "$REQUESTS" -c 8 -H "Authorization: Bearer $TOKEN" "$url" >"$out.hey"
   callgrind_control -d "$pid" >/dev/null 2>&1
+  if [ -n "${KEEP_CALLGRIND:-}" ]; then mkdir -p "$KEEP_CALLGRIND" && cp "$out".[0-9]* "$KEEP_CALLGRIND/"; fi
   ok=$(awk '/\[200\]/ {n += $2} END {print n + 0}' "$out.hey")
   [ "$ok" = "$REQUESTS" ] || { echo "gateway-instructions: $ok of $REQUESTS requests to $url got 200:" >&2; cat "$out.hey" >&2; exit 1; }
   total=$(callgrind_annotate "$out".[0-9]* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')

@@ -101,8 +101,11 @@ const DOCS_CSP: HeaderValue = HeaderValue::from_static(
      script-src 'self'; frame-ancestors 'none'",
 );
 
-/// Security headers on every response that does not set its own, besides the CSP.
-const SECURITY_HEADERS: [(HeaderName, HeaderValue); 5] = [
+const SECURITY_HEADER_COUNT: usize = 5;
+
+/// Security headers on every response that does not set its own, besides the CSP. A
+/// static, for the reason of `proxy::HOP_BY_HOP`.
+static SECURITY_HEADERS: [(HeaderName, HeaderValue); SECURITY_HEADER_COUNT] = [
     (
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -122,16 +125,20 @@ const SECURITY_HEADERS: [(HeaderName, HeaderValue); 5] = [
     ),
 ];
 
+/// Headers the gateway adds to a proxied answer: the rate limit's three, the security
+/// headers and the request context's request id and trace context.
+const ADDED_RESPONSE_HEADERS: usize = 3 + SECURITY_HEADER_COUNT + 1 + 2;
+
 /// The security headers a response does not set itself; `docs` for the docs page.
 fn security_headers(response: &mut Response, docs: bool) {
     let headers = response.headers_mut();
     let csp = if docs { DOCS_CSP } else { API_CSP };
-    for (name, value) in SECURITY_HEADERS
-        .into_iter()
-        .chain([(header::CONTENT_SECURITY_POLICY, csp)])
-    {
-        headers.entry(name).or_insert(value);
+    for (name, value) in &SECURITY_HEADERS {
+        headers.entry(name).or_insert_with(|| value.clone());
     }
+    headers
+        .entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(csp);
 }
 
 fn cors(settings: &GatewaySettings) -> anyhow::Result<Option<CorsLayer>> {

@@ -66,6 +66,22 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`], by its text: one length switch and at most
+/// one comparison per header, where comparing names costs eight per header.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
@@ -86,7 +102,7 @@ fn is_internal(name: &HeaderName) -> bool {
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of them; looking each one up costs a hash per name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let listed: Vec<HeaderName> = headers
@@ -246,7 +262,7 @@ pub async fn forward(
     let client = client_address(&parts.headers, peer.ip(), &state.trusted_proxies);
     // Each goes into a rate-limit key and a header; formatted once.
     let client_text = address_text(client);
-    let user_id = claims.as_ref().map(|c| c.sub.to_string());
+    let user_id = claims.as_ref().map(|c| shared::http::uuid_text(c.sub));
     let path = parts.uri.path().to_owned();
 
     // The body of login and register is small and read here for the per-email limit.
@@ -349,7 +365,7 @@ pub async fn forward(
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    if let Some(trace) = TraceContext::current() {
+    TraceContext::with_current(|trace| {
         if let Ok(value) = HeaderValue::from_str(&trace.traceparent()) {
             headers.insert(shared::http::TRACEPARENT, value);
         }
@@ -360,7 +376,7 @@ pub async fn forward(
         {
             headers.insert(shared::http::REQUEST_ID, id);
         }
-    }
+    });
     if let Some(value) = user_id
         .as_deref()
         .and_then(|id| HeaderValue::from_str(id).ok())
@@ -413,6 +429,10 @@ pub async fn forward(
         }
     };
     strip_hop_by_hop(response.headers_mut());
+    // Room for what the gateway adds, made once rather than grown twice on the way.
+    response
+        .headers_mut()
+        .reserve(crate::ADDED_RESPONSE_HEADERS);
     if let Some(decision) = &decision {
         rate_limit_headers(response.headers_mut(), decision);
     }
@@ -555,6 +575,16 @@ mod tests {
         ] {
             let ip: IpAddr = address.parse().expect("ip");
             assert_eq!(address_text(ip), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_recognised_by_their_text() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [header::CONTENT_TYPE, header::HOST, X_FORWARDED_FOR] {
+            assert!(!is_hop_by_hop(&name), "{name}");
         }
     }
 

@@ -52,7 +52,7 @@ impl Problem {
             title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail,
-            request_id: TraceContext::current().and_then(|t| t.request_id),
+            request_id: TraceContext::with_current(|t| t.request_id.clone()).flatten(),
             errors: Vec::new(),
         }
     }
@@ -196,9 +196,14 @@ fn new_request_id() -> String {
     let millis = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or_default();
     let mut random = [0u8; 10];
     fastrand::fill(&mut random);
-    uuid::Builder::from_unix_timestamp_millis(millis, &random)
-        .into_uuid()
-        .to_string()
+    uuid_text(uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid())
+}
+
+/// A UUID in its hyphenated lower-case form, as `to_string` gives it, without the
+/// formatting machinery (a measurable share of a proxied request).
+pub fn uuid_text(id: uuid::Uuid) -> String {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut text).to_owned()
 }
 
 /// What the request-context work needs, shared by every request.
@@ -665,6 +670,13 @@ mod tests {
             body["request_id"],
             headers[REQUEST_ID].to_str().expect("ascii")
         );
+    }
+
+    #[test]
+    fn uuid_text_is_the_display_form() {
+        for id in [uuid::Uuid::nil(), uuid::Uuid::max(), uuid::Uuid::now_v7()] {
+            assert_eq!(uuid_text(id), id.to_string());
+        }
     }
 
     #[tokio::test]

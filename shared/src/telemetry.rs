@@ -88,7 +88,8 @@ pub struct TraceContext {
 }
 
 tokio::task_local! {
-    static CURRENT: TraceContext;
+    // Shared: the scope moves its value into the thread and out again at every poll.
+    static CURRENT: std::sync::Arc<TraceContext>;
 }
 
 fn random_nonzero<const N: usize>() -> [u8; N] {
@@ -170,12 +171,17 @@ impl TraceContext {
 
     /// The context of the task running now, if one was set.
     pub fn current() -> Option<Self> {
-        CURRENT.try_with(Clone::clone).ok()
+        Self::with_current(Self::clone)
+    }
+
+    /// `f` of the context of the task running now, if one was set, without a copy.
+    pub fn with_current<R>(f: impl FnOnce(&Self) -> R) -> Option<R> {
+        CURRENT.try_with(|current| f(current)).ok()
     }
 
     /// Runs `fut` with this context as the current one.
-    pub async fn scope<F: Future>(self, fut: F) -> F::Output {
-        CURRENT.scope(self, fut).await
+    pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
+        CURRENT.scope(std::sync::Arc::new(self), fut)
     }
 }
 
