@@ -490,6 +490,10 @@ pub struct MessagingSettings {
     pub outbox_poll_interval_ms: u64,
     /// Outbox relay: rows published per confirmed batch.
     pub outbox_batch_size: i64,
+    /// A handled message's id is kept this long in the inbox, so a copy arriving later
+    /// is known as a duplicate; then it is purged (dead-lettered ones stay). Far longer
+    /// than the retries and redeliveries of a message.
+    pub inbox_retention_days: u32,
 }
 
 impl Default for MessagingSettings {
@@ -502,6 +506,7 @@ impl Default for MessagingSettings {
             delivery_limit: 20,
             outbox_poll_interval_ms: 1_000,
             outbox_batch_size: 100,
+            inbox_retention_days: 30,
         }
     }
 }
@@ -584,6 +589,11 @@ impl Settings {
         anyhow::ensure!(
             self.messaging.outbox_batch_size > 0,
             "COMMERCE__MESSAGING__OUTBOX_BATCH_SIZE must be positive"
+        );
+        anyhow::ensure!(
+            self.messaging.inbox_retention_days > 0,
+            "COMMERCE__MESSAGING__INBOX_RETENTION_DAYS must be at least 1: a copy of a \
+             message arriving after its id is purged would be handled again"
         );
         anyhow::ensure!(
             self.dead_letters.replay_rate_per_sec > 0.0,

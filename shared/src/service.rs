@@ -248,6 +248,12 @@ impl Service {
                 settings.messaging.outbox_batch_size,
             );
             relay = Some(tokio::spawn(relay_task.run(relay_stop.clone())));
+            workers.spawn(crate::messaging::inbox::run_purger(
+                pool.clone(),
+                Duration::from_secs(u64::from(settings.messaging.inbox_retention_days) * 86_400),
+                Duration::from_secs(3_600),
+                shutdown.child_token(),
+            ));
             crate::metrics::register_handlers(infra.name, work.handlers.iter().map(|h| h.name()));
             workers.spawn(crate::metrics::watch(
                 pool.clone(),

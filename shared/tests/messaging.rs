@@ -900,3 +900,69 @@ async fn shutdown_finishes_the_message_in_hand_before_exiting() {
         "acknowledged before exit, not returned to the queue"
     );
 }
+
+#[tokio::test]
+async fn the_inbox_forgets_messages_handled_long_ago_but_keeps_recent_and_dead_lettered_ones() {
+    let sub = Sub::start(Behaviour::default()).await;
+    let (old, recent, dead_lettered) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    for (id, days_ago) in [(old, 40), (recent, 2), (dead_lettered, 40)] {
+        sqlx::query(
+            "INSERT INTO processed_messages (message_id, handler, processed_at) \
+             VALUES ($1, 'record_note', now() - make_interval(days => $2))",
+        )
+        .bind(id)
+        .bind(days_ago)
+        .execute(&sub.pool)
+        .await
+        .expect("inbox row");
+    }
+    // Another copy of that message failed and waits in the dead letters for a replay.
+    sqlx::query(
+        "INSERT INTO dead_letters (id, message_id, service, handler, error_kind, \
+             error_message, error_chain, fingerprint, attempts, first_failed_at, \
+             last_failed_at, original_exchange, original_routing_key, headers, body) \
+         VALUES ($1, $2, 'sub', 'record_note', 'permanent', 'failed', 'failed', 'f', 1, \
+             now(), now(), 'events', $3, '{}'::jsonb, ''::bytea)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(dead_lettered.to_string())
+    .bind(NOTE)
+    .execute(&sub.pool)
+    .await
+    .expect("dead letter");
+
+    let retention = std::time::Duration::from_secs(30 * 86_400);
+    shared::messaging::inbox::purge(&sub.pool, retention)
+        .await
+        .expect("purge");
+
+    let mut kept: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM processed_messages")
+        .fetch_all(&sub.pool)
+        .await
+        .expect("inbox");
+    kept.sort();
+    let mut expected = vec![recent, dead_lettered];
+    expected.sort();
+    assert_eq!(kept, expected, "only the old, settled message is forgotten");
+
+    // A message handled now is still known after a purge: a copy of it is a duplicate.
+    let (note, message_id) = sub.send_note().await;
+    sub.recorder.wait_for(&message_id, Outcome::Handled).await;
+    shared::messaging::inbox::purge(&sub.pool, retention)
+        .await
+        .expect("purge");
+    let copy = serde_json::json!({
+        "id": message_id, "type": NOTE, "version": 1, "occurred_at": chrono::Utc::now(),
+        "source": "test", "correlation_id": note, "causation_id": null,
+        "data": {"id": note},
+    });
+    send(
+        &sub.env,
+        &message_id,
+        &serde_json::to_vec(&copy).expect("json"),
+    )
+    .await;
+    sub.recorder.wait_for(&message_id, Outcome::Duplicate).await;
+    assert_eq!(handled(&sub.pool, note).await, 1, "handled once");
+    sub.stop().await;
+}

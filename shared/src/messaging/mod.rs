@@ -5,6 +5,7 @@ mod consumer;
 pub mod dead_letter;
 mod envelope;
 pub mod headers;
+pub mod inbox;
 pub mod outbox;
 mod topology;
 
