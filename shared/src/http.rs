@@ -368,36 +368,41 @@ impl RequestContext {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        let handle = async {
-            if declared.is_some_and(|length| length > common.body_limit) {
-                // Boxed, as a rare path, to keep every request's future small.
-                Box::pin(drain(req.into_body(), declared)).await;
-                return Problem::new(
+        let limit = common.body_limit;
+        // No async block around the handler: each layer of futures is one more copy of
+        // the request and one more move of the handler's future.
+        let mut response = if declared.is_some_and(|length| length > limit) {
+            // Boxed, as a rare path, to keep every request's future small.
+            let refuse = async move {
+                drain(req.into_body(), declared).await;
+                Problem::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    Some(format!(
-                        "the request body is larger than {} bytes",
-                        common.body_limit
-                    )),
+                    Some(format!("the request body is larger than {limit} bytes")),
                 )
-                .into_response();
-            }
+                .into_response()
+            };
+            tracing::Instrument::instrument(Box::pin(trace.scope(refuse)), span.clone()).await
+        } else {
             // Bodies without a length are cut off at the limit while they are read.
-            let limit = common.body_limit;
             let req =
                 req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
-            match tokio::time::timeout(common.timeout, handler(req)).await {
+            let work = tokio::time::timeout(common.timeout, handler(req));
+            match tracing::Instrument::instrument(trace.scope(work), span.clone()).await {
                 Ok(response) => response,
-                Err(_) => Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    Some(format!(
-                        "the request took longer than {} ms",
-                        common.timeout.as_millis()
-                    )),
-                )
-                .into_response(),
+                Err(_) => {
+                    let mut problem = Problem::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Some(format!(
+                            "the request took longer than {} ms",
+                            common.timeout.as_millis()
+                        )),
+                    );
+                    // Outside the trace scope now: the request id is named here.
+                    problem.request_id = Some(request_id.clone());
+                    problem.into_response()
+                }
             }
         };
-        let mut response = tracing::Instrument::instrument(trace.scope(handle), span.clone()).await;
 
         let status = response.status();
         let elapsed = started.elapsed();
