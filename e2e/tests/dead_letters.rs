@@ -150,6 +150,25 @@ impl World {
     }
 }
 
+/// The receipts to `email` in notification-svc's log, read until there are at least
+/// `expected` (a mail is logged just after the SMTP server takes it, so the log may trail
+/// the mail): their count and the page read, to be checked for exactly `expected`.
+async fn logged_receipts(w: &World, email: &str, expected: usize) -> (usize, Value) {
+    eventually("the receipts in notification-svc's log", || async {
+        let sent = w
+            .get(&format!("/admin/notifications?to={email}&limit=200"))
+            .await;
+        let logged = sent["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter(|m| m["template"] == "order_receipt")
+            .count();
+        (logged >= expected).then_some((logged, sent))
+    })
+    .await
+}
+
 fn ids_of(page: &Value) -> Vec<String> {
     page["items"]
         .as_array()
@@ -267,24 +286,8 @@ async fn receipts_that_failed_for_a_missing_template_form_one_group_and_a_replay
     assert_eq!(detail["status"], "replayed");
     assert_eq!(detail["replay_count"], 1);
     assert_eq!(detail["replayed_by"], w.admin_id.as_str());
-    // What notification-svc logged as sent: one receipt per order, nothing twice. A
-    // send is logged just after the SMTP server took it, so the log may trail the mail.
-    let (logged, sent) = eventually("every receipt in the notification log", || async {
-        let sent = w
-            .get(&format!(
-                "/admin/notifications?to={}&limit=200",
-                customer_email
-            ))
-            .await;
-        let logged = sent["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .filter(|m| m["template"] == "order_receipt")
-            .count();
-        (logged >= orders.len()).then_some((logged, sent))
-    })
-    .await;
+    // What notification-svc logged as sent: one receipt per order, nothing twice.
+    let (logged, sent) = logged_receipts(&w, &customer_email, orders.len()).await;
     assert_eq!(logged, orders.len(), "{sent}");
 }
 
@@ -551,24 +554,11 @@ async fn a_group_of_a_hundred_dead_letters_replays_completely_each_once() {
     assert_eq!(entry["requested"].as_array().map(Vec::len), Some(100));
     assert_eq!(entry["affected"].as_array().map(Vec::len), Some(100));
     assert_eq!(entry["result"], "done");
-    // A mail is logged just after the SMTP server takes it: the last row may lag the
-    // last mail.
-    let logged = eventually("the 100 receipts in notification-svc's log", || async {
-        let sent = w
-            .get(&format!(
-                "/admin/notifications?to={customer_email}&limit=200"
-            ))
-            .await;
-        let logged = sent["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .filter(|m| m["template"] == "order_receipt")
-            .count();
-        (logged >= 100).then_some(logged)
-    })
-    .await;
-    assert_eq!(logged, 100, "notification-svc sent each receipt once");
+    let (logged, sent) = logged_receipts(&w, &customer_email, 100).await;
+    assert_eq!(
+        logged, 100,
+        "notification-svc sent each receipt once: {sent}"
+    );
 }
 
 #[tokio::test]
