@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two gateway builds and nginx in front of one user-svc, compared in one run: for each
-# round, in the order old, new, nginx, wrk's maximum throughput, then hey at one fixed
+# round, in the order old, new, nginx, wrk's maximum throughput, then oha at one fixed
 # rate for all three with the CPU time the proxy spent per request at that rate (from
 # /proc/<pid>/stat, user and system apart), and user-svc's behind it. CPU per request
 # moves much less with the machine's noise than requests/s or p99, so it shows changes
@@ -8,10 +8,11 @@
 #
 #   scripts/bench-gateway-compare.sh OLD_GATEWAY NEW_GATEWAY [ROUNDS]
 #
-# BENCH_SECONDS=10 per run, BENCH_RATE=6400 requests/s for the fixed-rate runs (32 hey
-# workers). Release builds; user-svc is this tree's. Needs wrk, hey, nginx, python3.
+# BENCH_SECONDS=10 per run, BENCH_RATE=6400 requests/s for the fixed-rate runs (open
+# loop, 32 connections). Release builds; user-svc is this tree's. Needs wrk, nginx,
+# python3; oha is built once if missing.
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n 2,11p "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,12p "$0"; exit 2; }
 OLD=$(realpath "$1"); NEW=$(realpath "$2"); ROUNDS=${3:-3}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_RUN=${BENCH_SECONDS:-10}
@@ -19,7 +20,8 @@ RATE=${BENCH_RATE:-6400}
 NS=benchgwcmp
 BENCH_DBS=user
 source scripts/lib/bench.sh
-require wrk hey nginx python3 psql curl
+require wrk nginx python3 psql curl cargo
+need_oha
 
 build_release user-svc
 
@@ -51,8 +53,7 @@ ticks() {
   echo "$user $system"
 }
 
-PER_WORKER=$((RATE / 32))
-echo "| round | proxy | max requests/s | p99 ms | at $((PER_WORKER * 32)) requests/s: p50 ms | p99 ms | proxy CPU µs per request: user | system | total | user-svc CPU µs per request | non-2xx |"
+echo "| round | proxy | max requests/s | p99 ms | at $RATE requests/s: p50 ms | p99 ms | proxy CPU µs per request: user | system | total | user-svc CPU µs per request | non-2xx |"
 echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for round in $(seq 1 "$ROUNDS"); do
   for proxy in old new nginx; do
@@ -63,9 +64,9 @@ for round in $(seq 1 "$ROUNDS"); do
     esac
     url="http://127.0.0.1:$port/api/v1/users/me"
     read -r max _ max99 bad _ < <(wrk -t2 -c32 -d"${SECONDS_PER_RUN}s" --latency "${AUTH[@]}" "$url" | python3 scripts/lib/wrk_summary.py)
-    hey -z 2s -c 32 -q "$PER_WORKER" "${AUTH[@]}" "$url" >/dev/null
+    fixed_rate "$RATE" 32 2 "$url" "${AUTH[@]}" >/dev/null
     before=$(ticks "$pid"); user_before=$(ticks "$USER_PID")
-    read -r done_rps p50 p99 fixed_bad < <(hey -z "${SECONDS_PER_RUN}s" -c 32 -q "$PER_WORKER" "${AUTH[@]}" "$url" | python3 scripts/lib/hey_summary.py)
+    read -r done_rps p50 p99 fixed_bad < <(fixed_rate "$RATE" 32 "$SECONDS_PER_RUN" "$url" "${AUTH[@]}")
     after=$(ticks "$pid"); user_after=$(ticks "$USER_PID")
     python3 - "$round" "$proxy" "$max" "$max99" "$p50" "$p99" "$before" "$after" "$done_rps" "$SECONDS_PER_RUN" "$((bad + fixed_bad))" "$(getconf CLK_TCK)" "$user_before" "$user_after" <<'EOF'
 import sys

@@ -6,10 +6,11 @@
 #   - the same GET through nginx (proxy_pass with keep-alive) in front of user-svc;
 #   - POST /api/v1/auth/login through the gateway (argon2id, OWASP parameters).
 # Throughput: wrk, closed loop, the three targets interleaved for BENCH_ROUNDS rounds,
-# medians reported. Latency at equal load: hey at one fixed rate for all three (60% of
-# nginx's median throughput), interleaved the same way, medians reported. Release builds; rate limits raised so every request is
+# medians reported. Latency at equal load: oha at one fixed rate for all three (60% of
+# nginx's median throughput), open loop, latency counted from each request's scheduled
+# start, interleaved the same way, medians reported. Release builds; rate limits raised so every request is
 # counted (leased from Redis) but none is refused.
-# Needs wrk, hey, nginx and python3 (apt install wrk hey nginx-light).
+# Needs wrk, nginx and python3 (apt install wrk nginx-light); oha is built once if missing.
 #
 #   scripts/bench-gateway.sh     # BENCH_SECONDS=15 BENCH_ROUNDS=3 BENCH_CONNECTIONS=32
 set -euo pipefail
@@ -21,7 +22,8 @@ CONNECTIONS=${BENCH_CONNECTIONS:-32}
 NS=benchgw
 BENCH_DBS=user
 source scripts/lib/bench.sh
-require wrk hey nginx python3 psql curl
+require wrk nginx python3 psql curl cargo
+need_oha
 
 build_release user-svc gateway
 BIN="$TARGET/release"
@@ -71,12 +73,10 @@ done
 read -r login_rps login_p50 login_p99 login_bad login_err < <(run "http://127.0.0.1:$GATEWAY_PORT/api/v1/auth/login" -s "$WORK/login.lua")
 
 # Latency at one fixed rate for all three: 60% of nginx's median throughput.
-RATE=$(python3 - "$WORK/max.txt" "$CONNECTIONS" <<'EOF'
+RATE=$(python3 - "$WORK/max.txt" <<'EOF'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
-nginx = statistics.median(float(r[1]) for r in rows if r[0] == "nginx")
-per_worker = max(1, int(nginx * 0.6 / int(sys.argv[2])))
-print(per_worker)
+print(int(statistics.median(float(r[1]) for r in rows if r[0] == "nginx") * 0.6))
 EOF
 )
 : >"$WORK/fixed.txt"
@@ -85,8 +85,8 @@ EOF
 for round in $(seq 1 "$ROUNDS"); do
   for target in gateway direct nginx; do
     url_var="${target^^}_URL"
-    hey -z 3s -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" >/dev/null
-    echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "${AUTH[@]}" "${!url_var}" | python3 scripts/lib/hey_summary.py)" >>"$WORK/fixed.txt"
+    fixed_rate "$RATE" "$CONNECTIONS" 3 "${!url_var}" "${AUTH[@]}" >/dev/null
+    echo "$target $(fixed_rate "$RATE" "$CONNECTIONS" "$SECONDS_PER_RUN" "${!url_var}" "${AUTH[@]}")" >>"$WORK/fixed.txt"
   done
   echo "bench-gateway: equal-load round $round done" >&2
 done
@@ -103,7 +103,8 @@ for target in ("gateway", "direct", "nginx"):
     mine = [r for r in fixed_rows if r[0] == target]
     fixed[target] = [statistics.median(float(r[i]) for r in mine) for i in (1, 2, 3)]
     fixed[target].append(sum(int(r[4]) for r in mine))
-    print(f"{target} at equal load, p99 of each round: " + ", ".join(r[3] for r in mine), file=sys.stderr)
+    print(f"{target} at equal load, p99 of each round: " + ", ".join(r[3] for r in mine)
+          + "; requests/s: " + ", ".join(r[1] for r in mine), file=sys.stderr)
 names = {
     "gateway": "through the gateway (token, rate limit, proxy)",
     "direct": "straight to user-svc",
@@ -114,7 +115,7 @@ for target in names:
     mine = [r for r in rows if r[0] == target]
     med[target] = [statistics.median(float(r[i]) for r in mine) for i in (1, 2, 3)]
     med[target].append(sum(int(r[4]) for r in mine))
-total_rate = int(rate) * int(conns)
+total_rate = int(rate)
 print(f"| GET /api/v1/users/me | max requests/s (median of {rounds}) | p50 ms | p99 ms | at {total_rate} requests/s (median of {rounds}): p50 ms | p99 ms | non-2xx |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for target, label in names.items():

@@ -89,3 +89,31 @@ http {
 }
 CONF
 }
+
+# oha, the open-loop load generator for the fixed-rate runs: from PATH, else from
+# ~/.cache/commerce/tools, built there from crates.io the first time (about 15 min on 2
+# cores). Sets OHA.
+OHA_VERSION=1.16.0
+need_oha() {
+  local root=$HOME/.cache/commerce/tools
+  OHA=$(command -v oha || true)
+  [ -n "$OHA" ] || OHA=$root/bin/oha
+  if [ ! -x "$OHA" ]; then
+    echo "$(basename "$0" .sh): building oha $OHA_VERSION into $root (once)" >&2
+    CARGO_TARGET_DIR=$root/target cargo install --quiet --locked oha --version "$OHA_VERSION" --root "$root"
+    rm -rf "$root/target"
+  fi
+}
+
+# One fixed-rate run: oha sends RATE requests/s in total over CONNECTIONS connections for
+# SECONDS, on a schedule (open loop), and counts each request's latency from the moment
+# the schedule meant to send it (--latency-correction), so a stall is not hidden by the
+# requests it delayed; requests still out at the end are waited for (-w). Prints
+# requests/s, p50 ms, p99 ms, and non-2xx answers plus failed requests.
+#   fixed_rate RATE CONNECTIONS SECONDS URL [oha options…]
+fixed_rate() {
+  local rate=$1 connections=$2 seconds=$3 url=$4
+  shift 4
+  "$OHA" --no-tui --latency-correction -w -q "$rate" -c "$connections" -z "${seconds}s" \
+    --output-format json "$@" "$url" | python3 "$(dirname "${BASH_SOURCE[0]}")/oha_summary.py"
+}
