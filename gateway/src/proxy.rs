@@ -252,10 +252,9 @@ pub async fn forward(
     // Each goes into a rate-limit key and a header; formatted once.
     let client_text = address_text(client);
     let user_id = claims.as_ref().map(|c| shared::http::uuid_text(c.sub));
-    let path = parts.uri.path().to_owned();
-
     // The body of login and register is small and read here for the per-email limit.
-    let auth_write = is_auth_write(&parts.method, &path);
+    let auth_write = is_auth_write(&parts.method, parts.uri.path());
+    let login = auth_write && parts.uri.path().ends_with("/login");
     let (body, email) = if auth_write {
         // Boxed, like the other rare paths, so that every request's future stays small.
         match Box::pin(Limited::new(body, AUTH_BODY_LIMIT).collect()).await {
@@ -285,7 +284,7 @@ pub async fn forward(
         if auth_write {
             checks.push(("auth-ip", client_text.as_str(), policies.auth));
             if let Some(email) = &email
-                && path.ends_with("/login")
+                && login
             {
                 checks.push(("login-email", email.as_str(), policies.auth));
             }
