@@ -10,7 +10,7 @@
 #
 # BENCH_SECONDS=10 per run, BENCH_RATE=6400 requests/s for the fixed-rate runs (open
 # loop, 32 connections). Release builds; user-svc is this tree's. Needs wrk, nginx,
-# python3; oha is built once if missing.
+# python3; oha is built once if missing (needs cmake).
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n 2,12p "$0"; exit 2; }
 OLD=$(realpath "$1"); NEW=$(realpath "$2"); ROUNDS=${3:-3}

@@ -10,7 +10,8 @@
 # nginx's median throughput), open loop, latency counted from each request's scheduled
 # start, interleaved the same way, medians reported. Release builds; rate limits raised so every request is
 # counted (leased from Redis) but none is refused.
-# Needs wrk, nginx and python3 (apt install wrk nginx-light); oha is built once if missing.
+# Needs wrk, nginx and python3 (apt install wrk nginx-light); oha is built once if
+# missing (apt install cmake for that).
 #
 #   scripts/bench-gateway.sh     # BENCH_SECONDS=15 BENCH_ROUNDS=3 BENCH_CONNECTIONS=32
 set -euo pipefail

@@ -91,14 +91,15 @@ CONF
 }
 
 # oha, the open-loop load generator for the fixed-rate runs: from PATH, else from
-# ~/.cache/commerce/tools, built there from crates.io the first time (about 15 min on 2
-# cores). Sets OHA.
+# ~/.cache/commerce/tools, built there from crates.io the first time (about 10 min on 2
+# cores; its TLS library needs cmake, and oha does not build without TLS). Sets OHA.
 OHA_VERSION=1.16.0
 need_oha() {
   local root=$HOME/.cache/commerce/tools
   OHA=$(command -v oha || true)
   [ -n "$OHA" ] || OHA=$root/bin/oha
   if [ ! -x "$OHA" ]; then
+    require cmake
     echo "$(basename "$0" .sh): building oha $OHA_VERSION into $root (once)" >&2
     CARGO_TARGET_DIR=$root/target cargo install --quiet --locked oha --version "$OHA_VERSION" --root "$root"
     rm -rf "$root/target"
