@@ -238,6 +238,20 @@ impl Service {
         let mut queue_gauges = None;
 
         if let (Some(pool), Some(broker)) = (&infra.pool, &infra.broker) {
+            // Built first: it refuses handlers that disagree with the subscription table,
+            // and then nothing should have started.
+            let handler_names: Vec<&'static str> = work.handlers.iter().map(|h| h.name()).collect();
+            let consumer = if work.handlers.is_empty() {
+                None
+            } else {
+                Some(Consumer::new(
+                    infra.topology.clone(),
+                    broker.clone(),
+                    pool.clone(),
+                    &settings.messaging,
+                    work.handlers,
+                )?)
+            };
             checks.push(Check::Database(pool.clone()));
             checks.push(Check::Broker(broker.clone()));
             let relay_task = Relay::new(
@@ -254,27 +268,17 @@ impl Service {
                 Duration::from_secs(3_600),
                 shutdown.child_token(),
             ));
-            crate::metrics::register_handlers(infra.name, work.handlers.iter().map(|h| h.name()));
+            crate::metrics::register_handlers(infra.name, handler_names);
             workers.spawn(crate::metrics::watch(
                 pool.clone(),
                 infra.topology.service().to_owned(),
                 shutdown.child_token(),
             ));
-            if !work.handlers.is_empty() {
+            if let Some(mut consumer) = consumer {
                 queue_gauges = Some(crate::metrics::QueueGauges::new(
                     broker.clone(),
                     &infra.topology,
                 ));
-            }
-
-            if !work.handlers.is_empty() {
-                let mut consumer = Consumer::new(
-                    infra.topology.clone(),
-                    broker.clone(),
-                    pool.clone(),
-                    &settings.messaging,
-                    work.handlers,
-                )?;
                 if let Some(observer) = work.observer {
                     consumer = consumer.observer(observer);
                 }

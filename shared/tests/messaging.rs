@@ -966,3 +966,118 @@ async fn the_inbox_forgets_messages_handled_long_ago_but_keeps_recent_and_dead_l
     assert_eq!(handled(&sub.pool, note).await, 1, "handled once");
     sub.stop().await;
 }
+
+/// Ready messages in `queue`, or `None` when it does not exist (a failed passive
+/// declaration closes its channel, so each look has its own).
+async fn depth_if_declared(connection: &lapin::Connection, queue: &str) -> Option<u32> {
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .ok()?;
+    let _ = channel.close(200, "looked".into()).await;
+    Some(declared.message_count())
+}
+
+#[tokio::test]
+async fn an_event_published_before_its_subscribers_declare_their_queues_waits_for_them() {
+    use shared::messaging::subscriptions::SUBSCRIPTIONS;
+    let env = TestEnv::new();
+    let pool = env.database("pub").await;
+    let connection = env.amqp().await;
+    let queue = |service: &str| format!("{}.{service}", env.namespace);
+    let subscribers: Vec<&str> = SUBSCRIPTIONS
+        .iter()
+        .filter(|(_, keys)| keys.contains(&"product.created"))
+        .map(|(service, _)| *service)
+        .collect();
+    assert!(subscribers.len() >= 2, "{subscribers:?}");
+
+    // A new namespace is a broker without definitions: no subscriber has declared its
+    // queue, and none is running.
+    let publisher = Running::start(&env.settings(), "pub", Work::default()).await;
+    let outbox = Outbox::new(&env.topology("pub"));
+    enqueue(&pool, &outbox, "product.created", true).await;
+    for service in &subscribers {
+        eventually(
+            &format!("product.created waiting in {service}'s queue"),
+            || async {
+                (depth_if_declared(&connection, &queue(service)).await == Some(1)).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        depth_if_declared(&connection, &queue("product")).await,
+        Some(0),
+        "product-svc does not subscribe to product.created"
+    );
+
+    // The broker loses the queues while the relay stays connected: the next event comes
+    // back unroutable, and the relay declares the queues again and sends it once more.
+    let channel = connection.create_channel().await.expect("channel");
+    for (service, _) in SUBSCRIPTIONS {
+        channel
+            .queue_delete(queue(service).as_str().into(), Default::default())
+            .await
+            .expect("delete queue");
+    }
+    let second = enqueue(&pool, &outbox, "product.created", true).await;
+    for service in &subscribers {
+        eventually(
+            &format!("the second event in {service}'s queue"),
+            || async {
+                (depth_if_declared(&connection, &queue(service)).await == Some(1)).then_some(())
+            },
+        )
+        .await;
+    }
+    let message = channel
+        .basic_get(
+            queue(subscribers[0]).as_str().into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .expect("get")
+        .expect("a message");
+    assert_eq!(body_of(&message.delivery), second);
+    eventually("the outbox to be empty", || async {
+        (outbox_rows(&pool).await == 0).then_some(())
+    })
+    .await;
+    publisher.stop().await;
+}
+
+#[tokio::test]
+async fn a_service_whose_handlers_differ_from_the_subscription_table_does_not_start() {
+    let env = TestEnv::new();
+    env.database("inventory").await;
+    let needs = Needs {
+        database: Some(None),
+        redis: false,
+    };
+    let infra = Infra::connect("inventory", &env.settings(), needs)
+        .await
+        .expect("service connects");
+    let work = Work {
+        handlers: vec![Arc::new(RecordNote(Arc::default()))],
+        ..Work::default()
+    };
+    let error = Service::start(infra, 0, Router::new(), work)
+        .await
+        .err()
+        .expect("the service refuses to start");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("inventory handles [\"test.note\"]")
+            && message.contains("messaging::subscriptions lists"),
+        "{message}"
+    );
+}

@@ -20,7 +20,10 @@ use lapin::{
     types::FieldTable,
 };
 use secrecy::ExposeSecret as _;
-use shared::{Settings, messaging::Topology};
+use shared::{
+    Settings,
+    messaging::{Topology, subscriptions::SUBSCRIPTIONS},
+};
 
 pub use proxy::TcpProxy;
 
@@ -207,8 +210,14 @@ async fn cleanup(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
         }
     };
     let prefix = format!("{namespace}_");
-    for database in &databases {
-        let service = database.trim_start_matches(&prefix);
+    // Services with a database declared their queues; any relay declared the queues of
+    // every subscriber in the table.
+    let mut services: BTreeSet<&str> = databases
+        .iter()
+        .map(|database| database.trim_start_matches(&prefix))
+        .collect();
+    services.extend(SUBSCRIPTIONS.iter().map(|(service, _)| *service));
+    for service in services {
         // A failed delete closes its channel: one channel per service.
         let result = async {
             let channel = amqp.create_channel().await?;

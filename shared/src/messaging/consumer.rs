@@ -206,6 +206,19 @@ impl Consumer {
                 anyhow::bail!("two handlers for {event_type} in {}", topology.service());
             }
         }
+        // Relays bind this queue from the table too: the two must agree.
+        if let Some(subscribed) = super::subscriptions::of(topology.service()) {
+            let mut handled: Vec<&str> = by_type.keys().copied().collect();
+            let mut listed = subscribed.to_vec();
+            handled.sort_unstable();
+            listed.sort_unstable();
+            if handled != listed {
+                anyhow::bail!(
+                    "{} handles {handled:?} but messaging::subscriptions lists {listed:?}",
+                    topology.service()
+                );
+            }
+        }
         Ok(Self {
             topology,
             broker,

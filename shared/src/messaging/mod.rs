@@ -7,6 +7,7 @@ mod envelope;
 pub mod headers;
 pub mod inbox;
 pub mod outbox;
+pub mod subscriptions;
 mod topology;
 
 pub use broker::{Broker, BrokerError};

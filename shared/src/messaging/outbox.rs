@@ -21,7 +21,7 @@ use sqlx::{PgConnection, PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Broker, Envelope, NewEvent, Topology, headers};
+use super::{Broker, Envelope, NewEvent, Topology, headers, subscriptions};
 use crate::telemetry::TraceContext;
 
 const CHANNEL: &str = "outbox";
@@ -405,8 +405,10 @@ impl Relay {
             Some(ch) if ch.status().connected() => ch,
             _ => {
                 let fresh = self.broker.confirm_channel().await?;
-                // Publishing to a missing exchange would close the channel.
-                self.topology.declare_exchanges(&fresh).await?;
+                // The exchange (publishing to a missing one closes the channel) and every
+                // subscriber's queue, so a broker that lost its definitions keeps events
+                // for subscribers that have not declared their queues again yet.
+                self.topology.declare_subscribers(&fresh).await?;
                 channel.insert(fresh)
             }
         };
@@ -414,9 +416,10 @@ impl Relay {
         let mut pending = Vec::with_capacity(rows.len());
         for row in rows {
             let options = BasicPublishOptions {
-                // A message addressed to one queue must reach it; an event may have no
-                // subscriber yet.
-                mandatory: row.exchange.is_empty(),
+                // A message addressed to one queue must reach it, and so must an event
+                // some service subscribes to; one nobody handles may go nowhere.
+                mandatory: row.exchange.is_empty()
+                    || subscriptions::is_subscribed(&row.routing_key),
                 ..BasicPublishOptions::default()
             };
             let confirm = ch
@@ -432,13 +435,23 @@ impl Relay {
         }
         let mut published = Vec::with_capacity(rows.len());
         let mut failed = Vec::new();
+        let mut unroutable = false;
         for (row, confirm) in rows.iter().zip(pending) {
             match confirm.await? {
                 Confirmation::Ack(None) => published.push(row.seq),
-                Confirmation::Ack(Some(_)) if !row.exchange.is_empty() => published.push(row.seq),
-                Confirmation::Ack(Some(_)) => failed.push((row.seq, "unroutable: no such queue")),
+                Confirmation::Ack(Some(_)) => {
+                    failed.push((row.seq, "unroutable: no queue bound"));
+                    unroutable = true;
+                }
                 Confirmation::Nack(_) => failed.push((row.seq, "refused by the broker (nack)")),
                 Confirmation::NotRequested => failed.push((row.seq, "no publisher confirm")),
+            }
+        }
+        if unroutable {
+            // The broker lost queues this relay declared: declare them again on a new
+            // channel before the kept rows go out again.
+            if let Some(stale) = channel.take() {
+                let _ = stale.close(200, "redeclaring".into()).await;
             }
         }
         Ok((published, failed))

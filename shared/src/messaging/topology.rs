@@ -16,6 +16,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
+use super::subscriptions;
 use crate::config::MessagingSettings;
 
 #[derive(Clone, Debug)]
@@ -127,32 +128,8 @@ impl Topology {
         routing_keys: &[&str],
     ) -> lapin::Result<()> {
         self.declare_dead_letter_queue(channel).await?;
-        let queue: ShortString = self.queue().into();
-
-        let mut args = quorum_args();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            long(self.dead_letter_exchange()),
-        );
-        args.insert("x-dead-letter-routing-key".into(), long(&*self.service));
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
-        );
-        channel
-            .queue_declare(queue.clone(), durable(), args)
+        self.declare_bound_queue(channel, &self.service, routing_keys)
             .await?;
-        for key in routing_keys {
-            channel
-                .queue_bind(
-                    queue.clone(),
-                    self.events_exchange().into(),
-                    (*key).into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
 
         for delay in &self.retry_delays {
             let mut args = quorum_args();
@@ -164,6 +141,54 @@ impl Topology {
             args.insert("x-dead-letter-routing-key".into(), long(self.queue()));
             channel
                 .queue_declare(self.retry_queue(*delay).into(), durable(), args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The exchanges, then every service's queue bound to the events it subscribes to
+    /// ([`subscriptions::SUBSCRIPTIONS`]): what a relay declares before it publishes, so
+    /// an event reaches a subscriber that has not declared its own queue yet. Its
+    /// dead-letter and retry queues are left to the service itself. Idempotent.
+    pub async fn declare_subscribers(&self, channel: &Channel) -> lapin::Result<()> {
+        self.declare_exchanges(channel).await?;
+        for (service, keys) in subscriptions::SUBSCRIPTIONS {
+            self.declare_bound_queue(channel, service, keys).await?;
+        }
+        Ok(())
+    }
+
+    /// `<ns>.<service>` with the same arguments whoever declares it (else the broker
+    /// refuses the second declaration), bound to `keys`.
+    async fn declare_bound_queue(
+        &self,
+        channel: &Channel,
+        service: &str,
+        keys: &[&str],
+    ) -> lapin::Result<()> {
+        let queue: ShortString = format!("{}.{service}", self.namespace).into();
+        let mut args = quorum_args();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long(self.dead_letter_exchange()),
+        );
+        args.insert("x-dead-letter-routing-key".into(), long(service));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        channel
+            .queue_declare(queue.clone(), durable(), args)
+            .await?;
+        for key in keys {
+            channel
+                .queue_bind(
+                    queue.clone(),
+                    self.events_exchange().into(),
+                    (*key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
         }
         Ok(())
