@@ -320,6 +320,13 @@ async fn outbox_rows(pool: &PgPool) -> i64 {
         .expect("count outbox")
 }
 
+async fn outbox_drained(pool: &PgPool) {
+    eventually("the outbox to be empty", || async {
+        (outbox_rows(pool).await == 0).then_some(())
+    })
+    .await;
+}
+
 async fn enqueue(pool: &PgPool, outbox: &Outbox, event_type: &str, commit: bool) -> Envelope {
     let mut tx = pool.begin().await.expect("begin");
     let event =
@@ -370,10 +377,7 @@ async fn an_event_is_published_only_when_its_transaction_commits() {
     let later = enqueue(&pool, &outbox, "test.later", true).await;
     assert_eq!(body_of(&seen.next().await), later);
     assert_ne!(rolled_back.id, later.id);
-    eventually("the outbox to be empty", || async {
-        (outbox_rows(&pool).await == 0).then_some(())
-    })
-    .await;
+    outbox_drained(&pool).await;
     publisher.stop().await;
 }
 
@@ -418,10 +422,7 @@ async fn an_event_written_while_the_broker_is_down_is_delivered_after_it_returns
     for expected in &written {
         assert_eq!(&body_of(&seen.next().await), expected, "in commit order");
     }
-    eventually("the outbox to be empty", || async {
-        (outbox_rows(&pool).await == 0).then_some(())
-    })
-    .await;
+    outbox_drained(&pool).await;
     eventually("the publisher to be ready again", || async {
         (publisher.ready_status().await == 200).then_some(())
     })
@@ -986,6 +987,17 @@ async fn depth_if_declared(connection: &lapin::Connection, queue: &str) -> Optio
     Some(declared.message_count())
 }
 
+/// Waits until each service's queue `<namespace>.<service>` holds exactly one message.
+async fn one_waiting_in_each(connection: &lapin::Connection, namespace: &str, services: &[&str]) {
+    for service in services {
+        let queue = format!("{namespace}.{service}");
+        eventually(&format!("one message waiting in {queue}"), || async {
+            (depth_if_declared(connection, &queue).await == Some(1)).then_some(())
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn an_event_published_before_its_subscribers_declare_their_queues_waits_for_them() {
     use shared::messaging::subscriptions::SUBSCRIPTIONS;
@@ -1005,15 +1017,7 @@ async fn an_event_published_before_its_subscribers_declare_their_queues_waits_fo
     let publisher = Running::start(&env.settings(), "pub", Work::default()).await;
     let outbox = Outbox::new(&env.topology("pub"));
     enqueue(&pool, &outbox, "product.created", true).await;
-    for service in &subscribers {
-        eventually(
-            &format!("product.created waiting in {service}'s queue"),
-            || async {
-                (depth_if_declared(&connection, &queue(service)).await == Some(1)).then_some(())
-            },
-        )
-        .await;
-    }
+    one_waiting_in_each(&connection, &env.namespace, &subscribers).await;
     assert_eq!(
         depth_if_declared(&connection, &queue("product")).await,
         Some(0),
@@ -1030,15 +1034,7 @@ async fn an_event_published_before_its_subscribers_declare_their_queues_waits_fo
             .expect("delete queue");
     }
     let second = enqueue(&pool, &outbox, "product.created", true).await;
-    for service in &subscribers {
-        eventually(
-            &format!("the second event in {service}'s queue"),
-            || async {
-                (depth_if_declared(&connection, &queue(service)).await == Some(1)).then_some(())
-            },
-        )
-        .await;
-    }
+    one_waiting_in_each(&connection, &env.namespace, &subscribers).await;
     let message = channel
         .basic_get(
             queue(subscribers[0]).as_str().into(),
@@ -1048,10 +1044,7 @@ async fn an_event_published_before_its_subscribers_declare_their_queues_waits_fo
         .expect("get")
         .expect("a message");
     assert_eq!(body_of(&message.delivery), second);
-    eventually("the outbox to be empty", || async {
-        (outbox_rows(&pool).await == 0).then_some(())
-    })
-    .await;
+    outbox_drained(&pool).await;
     publisher.stop().await;
 }
 
