@@ -10,7 +10,7 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt as _, Limited};
-use shared::auth::{AuthError, Claims};
+use shared::auth::AuthError;
 use shared::http::Problem;
 use shared::telemetry::TraceContext;
 
@@ -239,7 +239,7 @@ pub async fn forward(
     let (mut parts, body) = request.into_parts();
 
     // A token that is there must be good; a missing one is the service's business.
-    let claims: Option<Claims> = match state.verifier.verify_header(&parts).await {
+    let claims = match state.verifier.verify_header(&parts).await {
         Ok(claims) => Some(claims),
         Err(AuthError::Missing) => None,
         Err(error) => {

@@ -388,7 +388,7 @@ pub enum AuthError {
 pub struct Verifier {
     source: Arc<Source>,
     validation: Arc<Validation>,
-    verified: Arc<quick_cache::sync::Cache<String, Claims>>,
+    verified: Arc<quick_cache::sync::Cache<String, Arc<Claims>>>,
 }
 
 /// Verified tokens remembered per process.
@@ -435,7 +435,8 @@ impl Verifier {
         Self::with_source(Source::Local(keys), settings)
     }
 
-    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    /// Shared, not copied: a remembered token's claims are handed out on every request.
+    pub async fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
         if let Some(claims) = self.verified.get(token) {
             if claims.exp > Utc::now().timestamp() {
                 return Ok(claims);
@@ -444,7 +445,7 @@ impl Verifier {
         }
         // Boxed: the key fetch of a first sighting would otherwise make every caller's
         // future, cache hits included, a kilobyte and a half larger.
-        let claims = Box::pin(self.verify_uncached(token)).await?;
+        let claims = Arc::new(Box::pin(self.verify_uncached(token)).await?);
         self.verified.insert(token.to_owned(), claims.clone());
         Ok(claims)
     }
@@ -472,7 +473,7 @@ impl Verifier {
     }
 
     /// Verifies the `Authorization: Bearer` token of a request, if it has one.
-    pub async fn verify_header(&self, parts: &Parts) -> Result<Claims, AuthError> {
+    pub async fn verify_header(&self, parts: &Parts) -> Result<Arc<Claims>, AuthError> {
         let value = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -493,7 +494,7 @@ const TOKEN_REQUIRED: &str = "a valid bearer token is required";
 
 /// The signed-in caller. Rejects the request with 401 when the token is missing or bad.
 #[derive(Clone, Debug)]
-pub struct AuthUser(pub Claims);
+pub struct AuthUser(pub Arc<Claims>);
 
 impl AuthUser {
     pub fn id(&self) -> Uuid {
@@ -591,7 +592,7 @@ mod tests {
         let verifier = Verifier::local(keys.clone(), &settings());
         let claims = Claims::new(Uuid::now_v7(), vec![Role::Seller], &settings());
         let token = keys.sign(&claims).expect("sign");
-        assert_eq!(verifier.verify(&token).await.expect("valid"), claims);
+        assert_eq!(*verifier.verify(&token).await.expect("valid"), claims);
 
         let mut tampered = token.clone();
         let last = tampered.pop().expect("non-empty");
@@ -608,14 +609,18 @@ mod tests {
         let claims = Claims::new(Uuid::now_v7(), vec![Role::Customer], &settings());
         // Not a token at all: only the memory could make it pass.
         let forged = "remembered-but-not-a-token";
-        verifier.verified.insert(forged.to_owned(), claims.clone());
-        assert_eq!(verifier.verify(forged).await.expect("remembered"), claims);
+        verifier
+            .verified
+            .insert(forged.to_owned(), Arc::new(claims.clone()));
+        assert_eq!(*verifier.verify(forged).await.expect("remembered"), claims);
 
         let expired = Claims {
             exp: Utc::now().timestamp() - 1,
             ..claims
         };
-        verifier.verified.insert(forged.to_owned(), expired);
+        verifier
+            .verified
+            .insert(forged.to_owned(), Arc::new(expired));
         assert!(
             verifier.verify(forged).await.is_err(),
             "checked in full again"
