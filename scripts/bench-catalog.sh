@@ -6,10 +6,12 @@
 #   - the same two straight to each product-svc, to show the gateway's share.
 # Both product-svc instances share one database of 10,000 products; wrk asks for 1,000
 # of them at random. Throughput: wrk, closed loop, the four targets interleaved for
-# BENCH_ROUNDS rounds, medians reported. Latency at equal load: hey at one fixed rate
-# for both gateway targets (60% of the cache-off median throughput), one product.
+# BENCH_ROUNDS rounds, medians reported. Latency at equal load: oha at one fixed total
+# rate for both gateway targets (60% of the cache-off median throughput), one product,
+# open loop with latency counted from the schedule (scripts/lib/bench.sh, fixed_rate).
 # Release builds; rate limits raised so every request is counted but none refused.
-# Needs wrk, hey, python3, psql and curl (apt install wrk hey postgresql-client).
+# Needs wrk, python3, psql and curl (apt install wrk postgresql-client); builds oha once
+# (needs cmake).
 #
 #   scripts/bench-catalog.sh     # BENCH_SECONDS=15 BENCH_ROUNDS=3 BENCH_CONNECTIONS=32
 set -euo pipefail
@@ -23,7 +25,8 @@ HOT=1000
 NS=benchcat
 BENCH_DBS="user product"
 source scripts/lib/bench.sh
-require wrk hey python3 psql curl
+require wrk python3 psql curl
+need_oha
 
 build_release user-svc product-svc gateway
 BIN="$TARGET/release"
@@ -94,20 +97,21 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 # Latency at one fixed rate through both gateways: 60% of the cache-off median.
-RATE=$(python3 - "$WORK/max.txt" "$CONNECTIONS" <<'EOF'
+RATE=$(python3 - "$WORK/max.txt" <<'EOF'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 uncached = statistics.median(float(r[1]) for r in rows if r[0] == "uncached")
-print(max(1, int(uncached * 0.6 / int(sys.argv[2]))))
+print(max(1, int(uncached * 0.6)))
 EOF
 )
 : >"$WORK/fixed.txt"
 for target in cached uncached; do
   url_var="${target^^}_URL"
   url="${!url_var}/api/v1/products/$FIRST"
-  hey -z 3s -c "$CONNECTIONS" -q "$RATE" "$url" >/dev/null
-  echo "$target $(hey -z "${SECONDS_PER_RUN}s" -c "$CONNECTIONS" -q "$RATE" "$url" | python3 scripts/lib/hey_summary.py)" >>"$WORK/fixed.txt"
+  fixed_rate "$RATE" "$CONNECTIONS" 3 "$url" >/dev/null
+  echo "$target $(fixed_rate "$RATE" "$CONNECTIONS" "$SECONDS_PER_RUN" "$url")" >>"$WORK/fixed.txt"
 done
+echo "equal load, requests/s done (asked $RATE): $(awk '{printf "%s %s  ", $1, $2}' "$WORK/fixed.txt")" >&2
 
 counter() {
   curl -fs "$DIRECT_CACHED_URL/metrics" | python3 -c '
@@ -136,7 +140,7 @@ for target in names:
     mine = [r for r in rows if r[0] == target]
     med[target] = [statistics.median(float(r[i]) for r in mine) for i in (1, 2, 3)]
     med[target].append(sum(int(r[4]) for r in mine))
-total_rate = int(rate) * int(conns)
+total_rate = int(rate)
 print(f"| GET /api/v1/products/{{id}}, {conns} connections | max requests/s (median of {rounds}) | p50 ms | p99 ms | at {total_rate} requests/s: p50 ms | p99 ms | non-2xx |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for target, label in names.items():
