@@ -2,7 +2,10 @@
 # services whose databases they create, e.g. "user product"): a scratch directory WORK,
 # a list PIDS of the processes they start, and all of it (databases included) removed on
 # exit; the services' settings exported; require, build_release, wait_for and
-# register_token. The namespace's queues stay (same names next run); its Redis keys expire by TTL.
+# register_token. On exit the namespace's queues and exchanges go too (testkit's
+# drop-namespace, built with the services): every relay declares all subscribers'
+# queues, and those of services a script does not run would keep its events. Its Redis
+# keys expire by TTL.
 
 require() {
   local tool
@@ -14,7 +17,7 @@ require() {
 build_release() {
   local package args=()
   for package in "$@"; do args+=(-p "$package"); done
-  cargo build --release -q "${args[@]}"
+  cargo build --release -q "${args[@]}" -p testkit --bin drop-namespace
   TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -27,6 +30,9 @@ drop_dbs() {
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ -n "${TARGET:-}" ] && [ -x "$TARGET/release/drop-namespace" ]; then
+    "$TARGET/release/drop-namespace" || echo "$(basename "$0" .sh): could not remove namespace $NS" >&2
+  fi
   drop_dbs
   rm -rf "$WORK"
 }

@@ -160,16 +160,12 @@ impl Drop for TestEnv {
             return;
         }
         let namespace = self.namespace.clone();
-        let mut settings = self.settings.clone();
-        // Every delay a service here may have used: the namespace's, those a test
-        // tracked, and the defaults (for services started as processes with them).
-        let mut delays: BTreeSet<u64> =
-            settings.messaging.retry_delays_ms.iter().copied().collect();
-        if let Ok(extra) = self.extra_retry_delays.lock() {
-            delays.extend(extra.iter().copied());
-        }
-        delays.extend(shared::config::MessagingSettings::default().retry_delays_ms);
-        settings.messaging.retry_delays_ms = delays.into_iter().collect();
+        let settings = self.settings.clone();
+        let tracked: Vec<u64> = self
+            .extra_retry_delays
+            .lock()
+            .map(|extra| extra.iter().copied().collect())
+            .unwrap_or_default();
         let _ = std::fs::remove_dir_all(&settings.files.dir);
         let _ = std::fs::remove_dir_all(&settings.smtp.dir);
         // Own thread and runtime: this also runs while a failed test unwinds.
@@ -178,7 +174,7 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
                 .expect("a runtime for cleanup");
-            runtime.block_on(cleanup(&namespace, &settings))
+            runtime.block_on(drop_namespace(&namespace, &settings, tracked))
         });
         match cleanup.join() {
             Ok(Ok(())) => {}
@@ -186,6 +182,25 @@ impl Drop for TestEnv {
             Err(_) => eprintln!("cleanup of {} panicked", self.namespace),
         }
     }
+}
+
+/// Deletes everything made under `namespace`: its databases, its exchanges, and the
+/// queues of every service that has a database there or is in the subscription table.
+/// Wait queues are named by delay, so those of every delay a service may have used go:
+/// `settings`' own, `extra_delays`, and the defaults (for services started as processes
+/// with them). What [`TestEnv`] does on drop; the benchmark scripts run it as
+/// `drop-namespace`.
+pub async fn drop_namespace(
+    namespace: &str,
+    settings: &Settings,
+    extra_delays: impl IntoIterator<Item = u64>,
+) -> anyhow::Result<()> {
+    let mut settings = settings.clone();
+    let mut delays: BTreeSet<u64> = settings.messaging.retry_delays_ms.iter().copied().collect();
+    delays.extend(extra_delays);
+    delays.extend(shared::config::MessagingSettings::default().retry_delays_ms);
+    settings.messaging.retry_delays_ms = delays.into_iter().collect();
+    cleanup(namespace, &settings).await
 }
 
 async fn cleanup(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
@@ -234,6 +249,7 @@ async fn cleanup(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
         Topology::new(namespace, "-", &settings.messaging)
             .delete_exchanges(&channel)
             .await?;
+        channel.close(200, "cleanup".into()).await?;
         Ok(())
     };
     note(result.await);
