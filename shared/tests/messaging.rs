@@ -14,7 +14,7 @@ use lapin::{
 use serde::Deserialize;
 use shared::messaging::{
     Broker, Consumer, Envelope, Handler, HandlerError, NewEvent, Observer, Outbox, Outcome,
-    dead_letter::Status, headers,
+    Topology, dead_letter::Status, headers,
 };
 use shared::service::{Infra, Needs, Service, Work};
 use shared::{Settings, messaging::DeadLetterStore};
@@ -987,10 +987,14 @@ async fn depth_if_declared(connection: &lapin::Connection, queue: &str) -> Optio
     Some(declared.message_count())
 }
 
-/// Waits until each service's queue `<namespace>.<service>` holds exactly one message.
-async fn one_waiting_in_each(connection: &lapin::Connection, namespace: &str, services: &[&str]) {
+/// Waits until each service's queue `<ns>.<service>` holds exactly one message.
+async fn one_waiting_in_each(
+    connection: &lapin::Connection,
+    topology: &Topology,
+    services: &[&str],
+) {
     for service in services {
-        let queue = format!("{namespace}.{service}");
+        let queue = topology.queue_of(service);
         eventually(&format!("one message waiting in {queue}"), || async {
             (depth_if_declared(connection, &queue).await == Some(1)).then_some(())
         })
@@ -1004,7 +1008,8 @@ async fn an_event_published_before_its_subscribers_declare_their_queues_waits_fo
     let env = TestEnv::new();
     let pool = env.database("pub").await;
     let connection = env.amqp().await;
-    let queue = |service: &str| format!("{}.{service}", env.namespace);
+    let topology = env.topology("pub");
+    let queue = |service: &str| topology.queue_of(service);
     let subscribers: Vec<&str> = SUBSCRIPTIONS
         .iter()
         .filter(|(_, keys)| keys.contains(&"product.created"))
@@ -1017,7 +1022,7 @@ async fn an_event_published_before_its_subscribers_declare_their_queues_waits_fo
     let publisher = Running::start(&env.settings(), "pub", Work::default()).await;
     let outbox = Outbox::new(&env.topology("pub"));
     enqueue(&pool, &outbox, "product.created", true).await;
-    one_waiting_in_each(&connection, &env.namespace, &subscribers).await;
+    one_waiting_in_each(&connection, &topology, &subscribers).await;
     assert_eq!(
         depth_if_declared(&connection, &queue("product")).await,
         Some(0),
@@ -1034,7 +1039,7 @@ async fn an_event_published_before_its_subscribers_declare_their_queues_waits_fo
             .expect("delete queue");
     }
     let second = enqueue(&pool, &outbox, "product.created", true).await;
-    one_waiting_in_each(&connection, &env.namespace, &subscribers).await;
+    one_waiting_in_each(&connection, &topology, &subscribers).await;
     let message = channel
         .basic_get(
             queue(subscribers[0]).as_str().into(),

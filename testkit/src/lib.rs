@@ -200,10 +200,6 @@ pub async fn drop_namespace(
     delays.extend(extra_delays);
     delays.extend(shared::config::MessagingSettings::default().retry_delays_ms);
     settings.messaging.retry_delays_ms = delays.into_iter().collect();
-    cleanup(namespace, &settings).await
-}
-
-async fn cleanup(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
     use sqlx::Connection as _;
     let url = settings.postgres.database_url("postgres");
     let mut pg = when_slots_free(|| async { Ok(sqlx::PgConnection::connect(&url).await?) }).await?;

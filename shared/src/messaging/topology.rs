@@ -76,7 +76,12 @@ impl Topology {
     }
 
     pub fn queue(&self) -> String {
-        format!("{}.{}", self.namespace, self.service)
+        self.queue_of(&self.service)
+    }
+
+    /// The queue `<ns>.<service>` of any service of this namespace.
+    pub fn queue_of(&self, service: &str) -> String {
+        format!("{}.{service}", self.namespace)
     }
 
     pub fn dead_letter_queue(&self) -> String {
@@ -166,7 +171,7 @@ impl Topology {
         service: &str,
         keys: &[&str],
     ) -> lapin::Result<()> {
-        let queue: ShortString = format!("{}.{service}", self.namespace).into();
+        let queue: ShortString = self.queue_of(service).into();
         let mut args = quorum_args();
         args.insert(
             "x-dead-letter-exchange".into(),
