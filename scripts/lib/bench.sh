@@ -17,7 +17,9 @@ require() {
 build_release() {
   local package args=()
   for package in "$@"; do args+=(-p "$package"); done
-  cargo build --release -q "${args[@]}" -p testkit --bin drop-namespace
+  # Two calls: a `--bin` would restrict the other packages to that name too.
+  cargo build --release -q "${args[@]}"
+  cargo build --release -q -p testkit --bin drop-namespace
   TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
