@@ -6,9 +6,13 @@
 //! than the client has left) and the replica spends them locally, so a busy client does
 //! not cost a Redis round trip per request. Every admitted request was paid for in Redis,
 //! so the limit is never exceeded; cells a replica leased but did not use within a second
-//! are lost, which only makes the limit slightly stricter. Small limits lease one cell at
-//! a time and are exact.
+//! are lost, which only makes the limit slightly stricter. One call per client at a time
+//! refills a replica's lease: concurrent requests wait for it and share its cells, rather
+//! than each taking cells and throwing the others' away. A refused refill is remembered
+//! until Redis' retry time, so a client past its limit costs no further Redis calls until
+//! then. Small limits lease one cell at a time and are exact.
 
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,19 +72,37 @@ impl Decision {
     }
 }
 
-/// Cells this replica took from Redis and has not spent yet.
+/// What this replica knows of one client's bucket: cells it took from Redis and has not
+/// spent yet, or that Redis refused it until a moment.
+#[derive(Default)]
 struct Lease {
     cells: u32,
     /// What Redis had left for the client when the lease was taken.
     remaining: u32,
     limit: u32,
-    taken: Instant,
+    taken: Option<Instant>,
     reset: Duration,
+    refused_until: Option<Instant>,
 }
 
 impl Lease {
-    fn spend(&mut self) -> Option<Decision> {
-        if self.cells == 0 || self.taken.elapsed() >= LEASE_TTL {
+    /// The decision this replica can make without Redis, if any.
+    fn local(&mut self) -> Option<Decision> {
+        let now = Instant::now();
+        if let Some(until) = self.refused_until {
+            if now < until {
+                return Some(Decision {
+                    allowed: false,
+                    limit: self.limit,
+                    remaining: 0,
+                    retry_after: until - now,
+                    reset: self.reset.saturating_sub(now - self.taken?),
+                });
+            }
+            self.refused_until = None;
+        }
+        let taken = self.taken?;
+        if self.cells == 0 || now - taken >= LEASE_TTL {
             return None;
         }
         self.cells -= 1;
@@ -89,8 +111,29 @@ impl Lease {
             limit: self.limit,
             remaining: self.remaining + self.cells,
             retry_after: Duration::ZERO,
-            reset: self.reset.saturating_sub(self.taken.elapsed()),
+            reset: self.reset.saturating_sub(now - taken),
         })
+    }
+}
+
+/// A client's lease and the lock its refills take in turn. The lock holds how many
+/// refills ended and whether the last one failed, so that requests which waited for a
+/// failed one fail open at once instead of each waiting for Redis again.
+#[derive(Default)]
+struct Entry {
+    lease: Mutex<Lease>,
+    refill: tokio::sync::Mutex<Refills>,
+}
+
+#[derive(Default)]
+struct Refills {
+    ended: u64,
+    last_failed: bool,
+}
+
+impl Entry {
+    fn local(&self) -> Option<Decision> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner()).local()
     }
 }
 
@@ -101,7 +144,7 @@ pub struct RateLimiter {
     redis: ConnectionManager,
     prefix: String,
     script: Arc<Script>,
-    leases: Arc<quick_cache::sync::Cache<String, Arc<Mutex<Lease>>>>,
+    leases: Arc<quick_cache::sync::Cache<String, Arc<Entry>>>,
 }
 
 fn micros(value: i64) -> Duration {
@@ -143,21 +186,73 @@ impl RateLimiter {
             key.push_str(part);
         }
         let want = lease_size(policy);
-        if want > 1
-            && let Some(lease) = self.leases.get(&key)
-            && let Some(decision) = lease.lock().unwrap_or_else(|e| e.into_inner()).spend()
-        {
-            return Ok(decision);
-        }
-        // Microseconds between requests at the sustained rate; at least one.
         let interval = (60_000_000 / i64::from(policy.per_minute.max(1))).max(1);
         let limit = policy.burst.max(1);
+        if want == 1 {
+            return self.call(&key, interval, limit, want).await.map(|(d, _)| d);
+        }
+        let entry = self
+            .leases
+            .get_or_insert_with(&key, || Ok::<_, Infallible>(Arc::default()))
+            .unwrap_or_else(|never| match never {});
+        if let Some(decision) = entry.local() {
+            return Ok(decision);
+        }
+        // Boxed: most checks end at the lease, and the refill's state would make each of
+        // their futures larger.
+        Box::pin(self.refill(&entry, &key, interval, limit, want)).await
+    }
+
+    /// One call to Redis for the client's lease at a time; requests that waited for it
+    /// take from what it left.
+    async fn refill(
+        &self,
+        entry: &Entry,
+        key: &str,
+        interval: i64,
+        limit: u32,
+        want: u32,
+    ) -> anyhow::Result<Decision> {
+        let seen = entry.refill.try_lock().map(|refills| refills.ended).ok();
+        let mut refills = entry.refill.lock().await;
+        if seen != Some(refills.ended) && refills.last_failed {
+            anyhow::bail!("the rate-limit call this request waited for failed");
+        }
+        // The refill this request waited for may have left cells, or a refusal.
+        if let Some(decision) = entry.local() {
+            return Ok(decision);
+        }
+        let called = self.call(key, interval, limit, want).await;
+        refills.ended += 1;
+        refills.last_failed = called.is_err();
+        let (decision, granted) = called?;
+        let taken = Instant::now();
+        *entry.lease.lock().unwrap_or_else(|e| e.into_inner()) = Lease {
+            cells: granted.saturating_sub(1),
+            remaining: decision.remaining.saturating_sub(granted.saturating_sub(1)),
+            limit,
+            taken: Some(taken),
+            reset: decision.reset,
+            refused_until: (!decision.allowed).then(|| taken + decision.retry_after),
+        };
+        Ok(decision)
+    }
+
+    /// Takes up to `want` cells in Redis: the decision for this request, and the cells
+    /// granted (this request's included).
+    async fn call(
+        &self,
+        key: &str,
+        interval: i64,
+        limit: u32,
+        want: u32,
+    ) -> anyhow::Result<(Decision, u32)> {
         let mut conn = self.redis.clone();
-        // Boxed: most checks end at the lease above, and the call's state would make
-        // each of their futures larger.
+        // Boxed: small limits call Redis for every request, but the call's state would
+        // make the futures of the checks that end at a lease larger.
         let (granted, remaining, retry_after, reset): (i64, i64, i64, i64) = Box::pin(
             self.script
-                .key(&key)
+                .key(key)
                 .arg(interval)
                 .arg(limit)
                 .arg(want)
@@ -166,24 +261,14 @@ impl RateLimiter {
         .await?;
         let granted = u32::try_from(granted).unwrap_or(0);
         let remaining = u32::try_from(remaining).unwrap_or(0);
-        let reset = micros(reset);
-        if granted > 1 {
-            let lease = Lease {
-                cells: granted - 1,
-                remaining,
-                limit,
-                taken: Instant::now(),
-                reset,
-            };
-            self.leases.insert(key, Arc::new(Mutex::new(lease)));
-        }
-        Ok(Decision {
+        let decision = Decision {
             allowed: granted > 0,
             limit,
             remaining: remaining + granted.saturating_sub(1),
             retry_after: micros(retry_after),
-            reset,
-        })
+            reset: micros(reset),
+        };
+        Ok((decision, granted))
     }
 }
 
@@ -288,6 +373,70 @@ mod tests {
         assert_eq!(tat(&mut redis).await, after_first, "spent from the lease");
         limiter.check("user", "u1", policy).await.expect("decision");
         assert!(tat(&mut redis).await > after_first, "the next lease");
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_of_one_client_share_leases_and_get_the_whole_burst() {
+        let limiter = RateLimiter::new(REDIS, &namespace()).expect("limiter");
+        let policy = RateLimit {
+            per_minute: 1,
+            burst: 100,
+        };
+        let decisions =
+            futures_util::future::join_all((0..100).map(|_| limiter.check("user", "u1", policy)))
+                .await;
+        let admitted = decisions
+            .into_iter()
+            .map(|d| u32::from(d.expect("decision").allowed))
+            .sum::<u32>();
+        // Only a lease left unspent for a second could strand cells.
+        assert!(
+            admitted <= 100 && admitted >= 100 - lease_size(policy),
+            "{admitted} of a burst of 100 admitted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_past_its_limit_is_refused_without_asking_redis_again_until_its_retry_time() {
+        let ns = namespace();
+        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
+        let policy = RateLimit {
+            per_minute: 1,
+            burst: 40,
+        };
+        let mut admitted = 0;
+        for _ in 0..40 {
+            admitted += u32::from(
+                limiter
+                    .check("ip", "192.0.2.9", policy)
+                    .await
+                    .expect("decision")
+                    .allowed,
+            );
+        }
+        assert_eq!(admitted, 40);
+        let refused = limiter
+            .check("ip", "192.0.2.9", policy)
+            .await
+            .expect("decision");
+        assert!(!refused.allowed);
+        assert!(refused.retry_after > Duration::from_secs(50), "{refused:?}");
+        // Were Redis asked, it would now grant a fresh burst.
+        let mut redis = Client::open(REDIS)
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let _: () = redis
+            .del(format!("{ns}:rl:ip:192.0.2.9"))
+            .await
+            .expect("del");
+        let again = limiter
+            .check("ip", "192.0.2.9", policy)
+            .await
+            .expect("decision");
+        assert!(!again.allowed, "{again:?}");
+        assert!(again.retry_after <= refused.retry_after, "{again:?}");
     }
 
     #[tokio::test]
