@@ -10,7 +10,7 @@ TEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help up test fmt lint check infra browser bench bench-hop bench-gateway gateway-instructions bench-catalog bench-reservations check-broker-restart
+.PHONY: help up test release fmt lint check infra browser bench bench-hop bench-gateway gateway-instructions bench-catalog bench-reservations check-broker-restart
 
 help: ## List the targets
 	@echo "Commerce make targets:"
@@ -38,6 +38,10 @@ test: infra browser ## Start infra, install the browser test's needs, build all 
 		echo "$(CARGO) test --workspace $(TEST_ARGS)"; \
 		$(CARGO) test --workspace $(TEST_ARGS); \
 	fi
+
+release: ## Release builds of every binary, the gateway's with whole-program optimisation (target/release-lto/gateway)
+	$(CARGO) build --release --bins
+	$(CARGO) build --profile release-lto -p gateway
 
 fmt: ## Format all code
 	$(CARGO) fmt --all

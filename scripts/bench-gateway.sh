@@ -8,7 +8,8 @@
 # Throughput: wrk, closed loop, the three targets interleaved for BENCH_ROUNDS rounds,
 # medians reported. Latency at equal load: oha at one fixed rate for all three (60% of
 # nginx's median throughput), open loop, latency counted from each request's scheduled
-# start, interleaved the same way, medians reported. Release builds; rate limits raised so every request is
+# start, interleaved the same way, medians reported. Release builds (the gateway's with
+# whole-program optimisation, as shipped); rate limits raised so every request is
 # counted (leased from Redis) but none is refused.
 # Needs wrk, nginx and python3 (apt install wrk nginx-light); oha is built once if
 # missing (apt install cmake for that).
@@ -26,14 +27,15 @@ source scripts/lib/bench.sh
 require wrk nginx python3 psql curl cargo
 need_oha
 
-build_release user-svc gateway
+build_release user-svc
+build_gateway
 BIN="$TARGET/release"
 
 USER_PORT=$(free_port); GATEWAY_PORT=$(free_port); NGINX_PORT=$(free_port)
 
 export COMMERCE__USER__PORT=$USER_PORT COMMERCE__GATEWAY__PORT=$GATEWAY_PORT
 "$BIN/user-svc" >"$WORK/user.log" 2>&1 & PIDS+=($!)
-"$BIN/gateway" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+"$GATEWAY_BIN" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
 
 nginx_proxy_conf "$NGINX_PORT" "$USER_PORT" "worker_processes auto;" >"$WORK/nginx.conf"
 nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)

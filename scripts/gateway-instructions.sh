@@ -17,8 +17,8 @@ BENCH_DBS=user
 source scripts/lib/bench.sh
 require valgrind callgrind_control callgrind_annotate hey python3 psql curl
 
-build_release user-svc gateway
-GATEWAY_BIN=${1:-$TARGET/release/gateway}
+build_release user-svc
+if [ $# -ge 1 ]; then GATEWAY_BIN=$1; else build_gateway; fi
 
 USER_PORT=$(free_port); GATEWAY_PORT=$(free_port)
 

@@ -22,6 +22,12 @@ build_release() {
   cargo build --release -q -p testkit --bin drop-namespace
   TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 }
+# The gateway as it is shipped (Cargo.toml's release-lto profile); call after
+# build_release. Sets GATEWAY_BIN.
+build_gateway() {
+  cargo build --profile release-lto -q -p gateway
+  GATEWAY_BIN=$TARGET/release-lto/gateway
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 psql_ns() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
 drop_dbs() {
