@@ -5,8 +5,8 @@
 #
 #   scripts/bench-saga-compare.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS]
 #
-# A bin dir holds a release build's binaries (commerce and every service), e.g. copied
-# from target/release. The namespace is `benchcmp` (its databases are dropped and
+# A bin dir holds a release build's binaries (commerce, every service and testkit's
+# drop-namespace), e.g. copied from target/release. The namespace is `benchcmp` (its databases are dropped and
 # recreated each run); the system's default ports must be free (stop `make up` first).
 # Needs psql and curl; the bench itself is the NEW build's `commerce bench`.
 set -euo pipefail
@@ -21,7 +21,12 @@ drop_dbs() {
     "${PG[@]}" -c "DROP DATABASE $db WITH (FORCE)"
   done
 }
-trap 'stop "$A"; stop "$B"; drop_dbs' EXIT
+# Relays declare every subscriber's queue; testkit's drop-namespace (in a bin dir when
+# it was built with the services) removes the namespace's queues and exchanges.
+drop_namespace() {
+  if [ -x "$B/drop-namespace" ]; then "$B/drop-namespace"; else echo "bench-saga-compare: no $B/drop-namespace; the benchcmp queues stay" >&2; fi
+}
+trap 'stop "$A"; stop "$B"; drop_dbs; drop_namespace' EXIT
 
 for round in $(seq 1 "$ROUNDS"); do
   for bin in "$A" "$B"; do

@@ -280,6 +280,14 @@ mod tests {
 
     const REDIS: &str = "redis://127.0.0.1:6379";
 
+    async fn connection() -> deadpool_redis::redis::aio::MultiplexedConnection {
+        Client::open(REDIS)
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+
     fn namespace() -> String {
         format!("t{}", uuid::Uuid::now_v7().simple())
     }
@@ -349,11 +357,7 @@ mod tests {
             per_minute: 1,
             burst: 100,
         };
-        let mut redis = Client::open(REDIS)
-            .expect("client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis");
+        let mut redis = connection().await;
         let key = format!("{ns}:rl:user:u1");
         let tat = async |redis: &mut deadpool_redis::redis::aio::MultiplexedConnection| -> f64 {
             redis
@@ -377,7 +381,8 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_of_one_client_share_leases_and_get_the_whole_burst() {
-        let limiter = RateLimiter::new(REDIS, &namespace()).expect("limiter");
+        let ns = namespace();
+        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
         let policy = RateLimit {
             per_minute: 1,
             burst: 100,
@@ -394,6 +399,11 @@ mod tests {
             admitted <= 100 && admitted >= 100 - lease_size(policy),
             "{admitted} of a burst of 100 admitted"
         );
+        let _: () = connection()
+            .await
+            .del(format!("{ns}:rl:user:u1"))
+            .await
+            .expect("del");
     }
 
     #[tokio::test]
@@ -422,11 +432,7 @@ mod tests {
         assert!(!refused.allowed);
         assert!(refused.retry_after > Duration::from_secs(50), "{refused:?}");
         // Were Redis asked, it would now grant a fresh burst.
-        let mut redis = Client::open(REDIS)
-            .expect("client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis");
+        let mut redis = connection().await;
         let _: () = redis
             .del(format!("{ns}:rl:ip:192.0.2.9"))
             .await
