@@ -288,6 +288,15 @@ mod tests {
             .expect("redis")
     }
 
+    /// Removes the keys a test's namespace left in Redis.
+    async fn forget(ns: &str) {
+        let mut redis = connection().await;
+        let keys: Vec<String> = redis.keys(format!("{ns}:rl:*")).await.expect("keys");
+        if !keys.is_empty() {
+            let _: () = redis.del(keys).await.expect("del");
+        }
+    }
+
     fn namespace() -> String {
         format!("t{}", uuid::Uuid::now_v7().simple())
     }
@@ -316,7 +325,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_is_allowed_then_the_next_request_waits_one_interval() {
-        let limiter = RateLimiter::new(REDIS, &namespace()).expect("limiter");
+        let ns = namespace();
+        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
         let policy = RateLimit {
             per_minute: 60,
             burst: 3,
@@ -346,6 +356,7 @@ mod tests {
             .await
             .expect("redis");
         assert!(other.allowed, "each client has its own allowance");
+        forget(&ns).await;
     }
 
     #[tokio::test]
@@ -377,6 +388,7 @@ mod tests {
         assert_eq!(tat(&mut redis).await, after_first, "spent from the lease");
         limiter.check("user", "u1", policy).await.expect("decision");
         assert!(tat(&mut redis).await > after_first, "the next lease");
+        forget(&ns).await;
     }
 
     #[tokio::test]
@@ -399,11 +411,7 @@ mod tests {
             admitted <= 100 && admitted >= 100 - lease_size(policy),
             "{admitted} of a burst of 100 admitted"
         );
-        let _: () = connection()
-            .await
-            .del(format!("{ns}:rl:user:u1"))
-            .await
-            .expect("del");
+        forget(&ns).await;
     }
 
     #[tokio::test]
@@ -443,6 +451,7 @@ mod tests {
             .expect("decision");
         assert!(!again.allowed, "{again:?}");
         assert!(again.retry_after <= refused.retry_after, "{again:?}");
+        forget(&ns).await;
     }
 
     #[tokio::test]
@@ -466,11 +475,13 @@ mod tests {
         }
         let stranded = 2 * lease_size(policy);
         assert!(admitted <= 100 && admitted >= 100 - stranded, "{admitted}");
+        forget(&ns).await;
     }
 
     #[tokio::test]
     async fn very_high_limits_are_checked_not_failed_open() {
-        let limiter = RateLimiter::new(REDIS, &namespace()).expect("limiter");
+        let ns = namespace();
+        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
         let policy = RateLimit {
             per_minute: 1_000_000_000,
             burst: 100_000_000,
@@ -482,5 +493,6 @@ mod tests {
                 .expect("a decision, not an error");
             assert!(decision.allowed);
         }
+        forget(&ns).await;
     }
 }
