@@ -186,6 +186,7 @@ impl RateLimiter {
             key.push_str(part);
         }
         let want = lease_size(policy);
+        // Microseconds between requests at the sustained rate; at least one.
         let interval = (60_000_000 / i64::from(policy.per_minute.max(1))).max(1);
         let limit = policy.burst.max(1);
         if want == 1 {
@@ -227,9 +228,12 @@ impl RateLimiter {
         refills.last_failed = called.is_err();
         let (decision, granted) = called?;
         let taken = Instant::now();
+        let cells = granted.saturating_sub(1);
         *entry.lease.lock().unwrap_or_else(|e| e.into_inner()) = Lease {
-            cells: granted.saturating_sub(1),
-            remaining: decision.remaining.saturating_sub(granted.saturating_sub(1)),
+            cells,
+            // The decision counts the leased cells as remaining; the lease adds them back
+            // as it spends them.
+            remaining: decision.remaining.saturating_sub(cells),
             limit,
             taken: Some(taken),
             reset: decision.reset,
