@@ -305,6 +305,13 @@ mod tests {
         format!("t{}", uuid::Uuid::now_v7().simple())
     }
 
+    /// A limiter in a namespace of its own, for `forget` to clean up.
+    fn limiter() -> (String, RateLimiter) {
+        let ns = namespace();
+        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
+        (ns, limiter)
+    }
+
     fn decision(allowed: bool, remaining: u32, retry_ms: u64) -> Decision {
         Decision {
             allowed,
@@ -329,8 +336,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_is_allowed_then_the_next_request_waits_one_interval() {
-        let ns = namespace();
-        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
+        let (ns, limiter) = limiter();
         let policy = RateLimit {
             per_minute: 60,
             burst: 3,
@@ -365,8 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lease_serves_several_requests_with_one_redis_call() {
-        let ns = namespace();
-        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
+        let (ns, limiter) = limiter();
         // One cell a minute: Redis' state moves only when cells are taken.
         let policy = RateLimit {
             per_minute: 1,
@@ -397,8 +402,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_of_one_client_share_leases_and_get_the_whole_burst() {
-        let ns = namespace();
-        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
+        let (ns, limiter) = limiter();
         let policy = RateLimit {
             per_minute: 1,
             burst: 100,
@@ -420,8 +424,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_past_its_limit_is_refused_without_asking_redis_again_until_its_retry_time() {
-        let ns = namespace();
-        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
+        let (ns, limiter) = limiter();
         let policy = RateLimit {
             per_minute: 1,
             burst: 40,
@@ -444,11 +447,7 @@ mod tests {
         assert!(!refused.allowed);
         assert!(refused.retry_after > Duration::from_secs(50), "{refused:?}");
         // Were Redis asked, it would now grant a fresh burst.
-        let mut redis = connection().await;
-        let _: () = redis
-            .del(format!("{ns}:rl:ip:192.0.2.9"))
-            .await
-            .expect("del");
+        forget(&ns).await;
         let again = limiter
             .check("ip", "192.0.2.9", policy)
             .await
@@ -484,8 +483,7 @@ mod tests {
 
     #[tokio::test]
     async fn very_high_limits_are_checked_not_failed_open() {
-        let ns = namespace();
-        let limiter = RateLimiter::new(REDIS, &ns).expect("limiter");
+        let (ns, limiter) = limiter();
         let policy = RateLimit {
             per_minute: 1_000_000_000,
             burst: 100_000_000,
