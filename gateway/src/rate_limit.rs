@@ -4,13 +4,16 @@
 //!
 //! Leases: for a generous limit, one call takes up to a few cells at once (never more
 //! than the client has left) and the replica spends them locally, so a busy client does
-//! not cost a Redis round trip per request. Every admitted request was paid for in Redis,
-//! so the limit is never exceeded; cells a replica leased but did not use within a second
-//! are lost, which only makes the limit slightly stricter. One call per client at a time
-//! refills a replica's lease: concurrent requests wait for it and share its cells, rather
-//! than each taking cells and throwing the others' away. A refused refill is remembered
-//! until Redis' retry time, so a client past its limit costs no further Redis calls until
-//! then. Small limits lease one cell at a time and are exact.
+//! not cost a Redis round trip per request. Every admitted request was paid for in Redis;
+//! cells are spent within a second of being taken, so a client can exceed its rate by at
+//! most what a replica holds (a lease and a half, a thirteenth of its burst), and cells
+//! left unspent after that second are lost. One call per client at a time refills a
+//! replica's lease: concurrent requests wait for it and share its cells, rather than each
+//! taking cells and throwing the others' away. A client that spends half a lease within
+//! half a second gets its next lease asked for in the background, so its requests do not
+//! wait for Redis at all. A refused refill is remembered until Redis' retry time, so a
+//! client past its limit costs no further Redis calls until then. Small limits lease one
+//! cell at a time and are exact.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -77,42 +80,105 @@ impl Decision {
 #[derive(Default)]
 struct Lease {
     cells: u32,
-    /// What Redis had left for the client when the lease was taken.
+    /// Until when the cells may be spent.
+    expires: Option<Instant>,
+    /// What Redis had left for the client after its last grant.
     remaining: u32,
     limit: u32,
-    taken: Option<Instant>,
-    reset: Duration,
+    /// Cells one refill asks for.
+    size: u32,
+    /// When the client's bucket is full again, as Redis last said.
+    full_at: Option<Instant>,
     refused_until: Option<Instant>,
+    /// A refill ahead of need is under way.
+    ahead: bool,
+}
+
+/// What one call to Redis gave.
+struct Grant {
+    granted: u32,
+    /// Cells Redis has left for the client after this grant.
+    remaining: u32,
+    retry_after: Duration,
+    reset: Duration,
+}
+
+impl Grant {
+    /// The decision for a request that takes one cell of the grant.
+    fn decision(&self, limit: u32) -> Decision {
+        Decision {
+            allowed: self.granted > 0,
+            limit,
+            remaining: self.remaining + self.granted.saturating_sub(1),
+            retry_after: self.retry_after,
+            reset: self.reset,
+        }
+    }
 }
 
 impl Lease {
-    /// The decision this replica can make without Redis, if any.
-    fn local(&mut self) -> Option<Decision> {
+    /// The decision this replica can make without Redis, if any, and whether this request
+    /// should start a refill ahead of need.
+    fn local(&mut self) -> (Option<Decision>, bool) {
         let now = Instant::now();
+        let reset = self
+            .full_at
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+        // Cells already paid for are spent even after a refusal.
+        if let Some(expires) = self.expires.filter(|&e| self.cells > 0 && now < e) {
+            self.cells -= 1;
+            // Half the lease gone in under half its life: the rest will likely go before
+            // a refill made only once it is gone could answer, so that refill starts now
+            // and no request of a busy client waits for Redis.
+            let ahead = !self.ahead
+                && self.refused_until.is_none()
+                && self.cells < self.size / 2
+                && expires - now > LEASE_TTL / 2;
+            self.ahead |= ahead;
+            let decision = Decision {
+                allowed: true,
+                limit: self.limit,
+                remaining: self.remaining + self.cells,
+                retry_after: Duration::ZERO,
+                reset,
+            };
+            return (Some(decision), ahead);
+        }
         if let Some(until) = self.refused_until {
             if now < until {
-                return Some(Decision {
+                let decision = Decision {
                     allowed: false,
                     limit: self.limit,
                     remaining: 0,
                     retry_after: until - now,
-                    reset: self.reset.saturating_sub(now - self.taken?),
-                });
+                    reset,
+                };
+                return (Some(decision), false);
             }
             self.refused_until = None;
         }
-        let taken = self.taken?;
-        if self.cells == 0 || now - taken >= LEASE_TTL {
-            return None;
+        (None, false)
+    }
+
+    /// Adds a grant to the cells still unspent; a refusal is kept until its retry time.
+    fn add(&mut self, grant: &Grant, limit: u32, size: u32) {
+        let now = Instant::now();
+        if self.expires.is_none_or(|e| now >= e) {
+            self.cells = 0;
         }
-        self.cells -= 1;
-        Some(Decision {
-            allowed: true,
-            limit: self.limit,
-            remaining: self.remaining + self.cells,
-            retry_after: Duration::ZERO,
-            reset: self.reset.saturating_sub(now - taken),
-        })
+        self.limit = limit;
+        self.size = size;
+        self.remaining = grant.remaining;
+        self.full_at = Some(now + grant.reset);
+        if grant.granted == 0 {
+            self.refused_until = Some(now + grant.retry_after);
+        } else {
+            // Cells left of the last grant live as long as the new ones: at most half a
+            // lease, since a refill ahead starts only once half is spent.
+            self.cells += grant.granted;
+            self.expires = Some(now + LEASE_TTL);
+            self.refused_until = None;
+        }
     }
 }
 
@@ -132,8 +198,8 @@ struct Refills {
 }
 
 impl Entry {
-    fn local(&self) -> Option<Decision> {
-        self.lease.lock().unwrap_or_else(|e| e.into_inner()).local()
+    fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -154,6 +220,15 @@ fn micros(value: i64) -> Duration {
 /// Cells taken per call: a twentieth of the burst, 1 to 32.
 fn lease_size(policy: RateLimit) -> u32 {
     (policy.burst / 20).clamp(1, LEASE_MAX)
+}
+
+/// One client's policy as the Redis script takes it.
+#[derive(Clone, Copy)]
+struct Ask {
+    /// Microseconds between requests at the sustained rate; at least one.
+    interval: i64,
+    limit: u32,
+    want: u32,
 }
 
 impl RateLimiter {
@@ -185,94 +260,96 @@ impl RateLimiter {
         for part in [self.prefix.as_str(), ":", scope, ":", id] {
             key.push_str(part);
         }
-        let want = lease_size(policy);
-        // Microseconds between requests at the sustained rate; at least one.
-        let interval = (60_000_000 / i64::from(policy.per_minute.max(1))).max(1);
-        let limit = policy.burst.max(1);
-        if want == 1 {
-            return self.call(&key, interval, limit, want).await.map(|(d, _)| d);
+        let ask = Ask {
+            interval: (60_000_000 / i64::from(policy.per_minute.max(1))).max(1),
+            limit: policy.burst.max(1),
+            want: lease_size(policy),
+        };
+        if ask.want == 1 {
+            return Ok(self.call(&key, ask).await?.decision(ask.limit));
         }
         let entry = self
             .leases
             .get_or_insert_with(&key, || Ok::<_, Infallible>(Arc::default()))
             .unwrap_or_else(|never| match never {});
-        if let Some(decision) = entry.local() {
+        let (decision, ahead) = entry.lease().local();
+        if ahead {
+            self.refill_ahead(Arc::clone(&entry), key.clone(), ask);
+        }
+        if let Some(decision) = decision {
             return Ok(decision);
         }
         // Boxed: most checks end at the lease, and the refill's state would make each of
         // their futures larger.
-        Box::pin(self.refill(&entry, &key, interval, limit, want)).await
+        let (decision, ahead) = Box::pin(self.refill(&entry, &key, ask)).await?;
+        if ahead {
+            self.refill_ahead(entry, key, ask);
+        }
+        Ok(decision)
     }
 
     /// One call to Redis for the client's lease at a time; requests that waited for it
     /// take from what it left.
-    async fn refill(
-        &self,
-        entry: &Entry,
-        key: &str,
-        interval: i64,
-        limit: u32,
-        want: u32,
-    ) -> anyhow::Result<Decision> {
+    async fn refill(&self, entry: &Entry, key: &str, ask: Ask) -> anyhow::Result<(Decision, bool)> {
         let seen = entry.refill.try_lock().map(|refills| refills.ended).ok();
         let mut refills = entry.refill.lock().await;
         if seen != Some(refills.ended) && refills.last_failed {
             anyhow::bail!("the rate-limit call this request waited for failed");
         }
         // The refill this request waited for may have left cells, or a refusal.
-        if let Some(decision) = entry.local() {
-            return Ok(decision);
+        if let (Some(decision), ahead) = entry.lease().local() {
+            return Ok((decision, ahead));
         }
-        let called = self.call(key, interval, limit, want).await;
+        let called = self.call(key, ask).await;
         refills.ended += 1;
         refills.last_failed = called.is_err();
-        let (decision, granted) = called?;
-        let taken = Instant::now();
-        let cells = granted.saturating_sub(1);
-        *entry.lease.lock().unwrap_or_else(|e| e.into_inner()) = Lease {
-            cells,
-            // The decision counts the leased cells as remaining; the lease adds them back
-            // as it spends them.
-            remaining: decision.remaining.saturating_sub(cells),
-            limit,
-            taken: Some(taken),
-            reset: decision.reset,
-            refused_until: (!decision.allowed).then(|| taken + decision.retry_after),
-        };
-        Ok(decision)
+        let mut lease = entry.lease();
+        lease.add(&called?, ask.limit, ask.want);
+        match lease.local() {
+            (Some(decision), ahead) => Ok((decision, ahead)),
+            // Unreachable: a grant leaves a cell or a refusal.
+            (None, _) => anyhow::bail!("the rate-limit lease was empty after a refill"),
+        }
     }
 
-    /// Takes up to `want` cells in Redis: the decision for this request, and the cells
-    /// granted (this request's included).
-    async fn call(
-        &self,
-        key: &str,
-        interval: i64,
-        limit: u32,
-        want: u32,
-    ) -> anyhow::Result<(Decision, u32)> {
+    /// Takes the client's next lease in the background while requests spend what is left
+    /// of this one; requests that run out first wait for it as for any refill.
+    fn refill_ahead(&self, entry: Arc<Entry>, key: String, ask: Ask) {
+        let limiter = self.clone();
+        tokio::spawn(async move {
+            let mut refills = entry.refill.lock().await;
+            let called = limiter.call(&key, ask).await;
+            refills.ended += 1;
+            refills.last_failed = called.is_err();
+            let mut lease = entry.lease();
+            lease.ahead = false;
+            match called {
+                Ok(grant) => lease.add(&grant, ask.limit, ask.want),
+                Err(error) => tracing::warn!(%error, "rate-limit refill ahead failed"),
+            }
+        });
+    }
+
+    /// Asks Redis for up to `ask.want` cells.
+    async fn call(&self, key: &str, ask: Ask) -> anyhow::Result<Grant> {
         let mut conn = self.redis.clone();
         // Boxed: small limits call Redis for every request, but the call's state would
         // make the futures of the checks that end at a lease larger.
         let (granted, remaining, retry_after, reset): (i64, i64, i64, i64) = Box::pin(
             self.script
                 .key(key)
-                .arg(interval)
-                .arg(limit)
-                .arg(want)
+                .arg(ask.interval)
+                .arg(ask.limit)
+                .arg(ask.want)
                 .invoke_async(&mut conn),
         )
         .await?;
-        let granted = u32::try_from(granted).unwrap_or(0);
-        let remaining = u32::try_from(remaining).unwrap_or(0);
-        let decision = Decision {
-            allowed: granted > 0,
-            limit,
-            remaining: remaining + granted.saturating_sub(1),
+        Ok(Grant {
+            granted: u32::try_from(granted).unwrap_or(0),
+            remaining: u32::try_from(remaining).unwrap_or(0),
             retry_after: micros(retry_after),
             reset: micros(reset),
-        };
-        Ok((decision, granted))
+        })
     }
 }
 
@@ -292,8 +369,18 @@ mod tests {
             .expect("redis")
     }
 
-    /// Removes the keys a test's namespace left in Redis.
-    async fn forget(ns: &str) {
+    /// Waits for the limiters' refills ahead to end, then removes the keys the test's
+    /// namespace left in Redis.
+    async fn forget(ns: &str, limiters: &[&RateLimiter]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while limiters
+            .iter()
+            .flat_map(|limiter| limiter.leases.iter())
+            .any(|(_, entry)| entry.lease().ahead)
+        {
+            assert!(Instant::now() < deadline, "a refill ahead did not end");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut redis = connection().await;
         let keys: Vec<String> = redis.keys(format!("{ns}:rl:*")).await.expect("keys");
         if !keys.is_empty() {
@@ -366,13 +453,13 @@ mod tests {
             .await
             .expect("redis");
         assert!(other.allowed, "each client has its own allowance");
-        forget(&ns).await;
+        forget(&ns, &[&limiter]).await;
     }
 
     #[tokio::test]
-    async fn a_lease_serves_several_requests_with_one_redis_call() {
+    async fn a_lease_serves_several_requests_and_the_next_is_taken_before_it_runs_out() {
         let (ns, limiter) = limiter();
-        // One cell a minute: Redis' state moves only when cells are taken.
+        // One cell a minute: Redis' state moves only when cells are taken. Leases of 5.
         let policy = RateLimit {
             per_minute: 1,
             burst: 100,
@@ -390,14 +477,26 @@ mod tests {
         let first = limiter.check("user", "u1", policy).await.expect("decision");
         assert_eq!(first.remaining, 99);
         let after_first = tat(&mut redis).await;
-        for expected in [98, 97, 96, 95] {
+        for expected in [98, 97] {
             let decision = limiter.check("user", "u1", policy).await.expect("decision");
             assert_eq!(decision.remaining, expected);
         }
         assert_eq!(tat(&mut redis).await, after_first, "spent from the lease");
-        limiter.check("user", "u1", policy).await.expect("decision");
-        assert!(tat(&mut redis).await > after_first, "the next lease");
-        forget(&ns).await;
+        // This one leaves one cell of five: the next lease is asked for now, not when a
+        // request finds none left.
+        let decision = limiter.check("user", "u1", policy).await.expect("decision");
+        assert_eq!(decision.remaining, 96);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tat(&mut redis).await == after_first {
+            assert!(Instant::now() < deadline, "no lease taken ahead");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The count goes on across the two leases.
+        for expected in [95, 94, 93] {
+            let decision = limiter.check("user", "u1", policy).await.expect("decision");
+            assert_eq!(decision.remaining, expected);
+        }
+        forget(&ns, &[&limiter]).await;
     }
 
     #[tokio::test]
@@ -419,7 +518,7 @@ mod tests {
             admitted <= 100 && admitted >= 100 - lease_size(policy),
             "{admitted} of a burst of 100 admitted"
         );
-        forget(&ns).await;
+        forget(&ns, &[&limiter]).await;
     }
 
     #[tokio::test]
@@ -447,14 +546,14 @@ mod tests {
         assert!(!refused.allowed);
         assert!(refused.retry_after > Duration::from_secs(50), "{refused:?}");
         // Were Redis asked, it would now grant a fresh burst.
-        forget(&ns).await;
+        forget(&ns, &[&limiter]).await;
         let again = limiter
             .check("ip", "192.0.2.9", policy)
             .await
             .expect("decision");
         assert!(!again.allowed, "{again:?}");
         assert!(again.retry_after <= refused.retry_after, "{again:?}");
-        forget(&ns).await;
+        forget(&ns, &[&limiter]).await;
     }
 
     #[tokio::test]
@@ -478,7 +577,7 @@ mod tests {
         }
         let stranded = 2 * lease_size(policy);
         assert!(admitted <= 100 && admitted >= 100 - stranded, "{admitted}");
-        forget(&ns).await;
+        forget(&ns, &[&replicas[0], &replicas[1]]).await;
     }
 
     #[tokio::test]
@@ -495,6 +594,6 @@ mod tests {
                 .expect("a decision, not an error");
             assert!(decision.allowed);
         }
-        forget(&ns).await;
+        forget(&ns, &[&limiter]).await;
     }
 }
