@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use shared::Settings;
 
+use crate::floor::Workload;
 use crate::{Load, Options, Stop, Target};
 
 #[derive(Debug, Args)]
@@ -20,7 +21,7 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// PostgreSQL's single-row insert commit rate (pgbench), the ceiling of the saga
+    /// PostgreSQL's commit rate (pgbench), the ceiling of the saga
     ///
     /// Runs pgbench from PATH against a scratch database `<ns>_bench_floor` (dropped
     /// afterwards). Divide by the commits one order needs (`commerce bench` measures
@@ -110,6 +111,9 @@ struct RunArgs {
     floor_clients: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     floor_duration: Duration,
+    /// pgbench's transaction for the floor; several, comma-separated, run one after another
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "insert")]
+    floor_workload: Vec<Workload>,
     /// Seed of the order mix, for a repeatable mix
     #[arg(long)]
     seed: Option<u64>,
@@ -127,6 +131,9 @@ struct FloorArgs {
     clients: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
+    /// pgbench's transaction
+    #[arg(long, value_enum, default_value = "insert")]
+    workload: Workload,
     /// Also print the ceiling: commits/s ÷ this many commits per order
     #[arg(long)]
     commits_per_order: Option<f64>,
@@ -162,7 +169,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_floor(args: FloorArgs) -> anyhow::Result<ExitCode> {
     let target = args.target.target()?;
-    let floor = crate::floor::run(&target, args.clients, args.duration).await?;
+    let floor = crate::floor::run(&target, args.workload, args.clients, args.duration).await?;
     let ceiling = args.commits_per_order.map(|c| floor.commits_per_s / c);
     if args.json {
         let mut value = serde_json::to_value(&floor)?;
@@ -172,8 +179,12 @@ async fn run_floor(args: FloorArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!(
-            "pgbench floor: {:.0} commits/s ({} single-row insert transactions, {} clients, {} s)",
-            floor.commits_per_s, floor.transactions, floor.clients, floor.duration_s
+            "pgbench floor: {:.0} commits/s ({} {} transactions, {} clients, {} s)",
+            floor.commits_per_s,
+            floor.transactions,
+            floor.workload.describe(),
+            floor.clients,
+            floor.duration_s
         );
         if let (Some(c), Some(ceiling)) = (args.commits_per_order, ceiling) {
             println!(
@@ -216,15 +227,20 @@ async fn run_bench(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut report = crate::run(&target, &options).await?;
     if args.floor {
-        if !args.json {
-            eprintln!("bench: running pgbench for the floor");
-        }
         let clients = match load {
             Load::Concurrency(c) => c,
             Load::Rate(_) => args.floor_clients,
         };
-        let floor = crate::floor::run(&target, clients, args.floor_duration).await?;
-        report.compare(floor);
+        for workload in args.floor_workload {
+            if !args.json {
+                eprintln!(
+                    "bench: running pgbench for the floor ({})",
+                    workload.describe()
+                );
+            }
+            let floor = crate::floor::run(&target, workload, clients, args.floor_duration).await?;
+            report.compare(floor);
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

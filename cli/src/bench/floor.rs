@@ -1,7 +1,11 @@
-//! `commerce bench floor`: PostgreSQL's own commit rate for single-row inserts, measured
-//! with pgbench (from PATH) at a given number of clients, in a scratch database of the
-//! namespace (`<ns>_bench_floor`, dropped afterwards). The saga can place at most about
+//! `commerce bench floor`: PostgreSQL's own commit rate, measured with pgbench (from PATH)
+//! at a given number of clients, in a scratch database of the namespace
+//! (`<ns>_bench_floor`, dropped afterwards). The saga can place at most about
 //! `commits/s ÷ commits per order` orders per second on the same server.
+//!
+//! Two workloads: one single-row INSERT per transaction, the cheapest commit there is,
+//! and pgbench's own TPC-B-like transaction (three UPDATEs, a SELECT and an INSERT),
+//! closer in shape to a saga commit, which carries about five statements.
 
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -13,18 +17,44 @@ use sqlx::{ConnectOptions as _, Connection as _};
 
 use crate::Target;
 
+/// What each of pgbench's transactions does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// One single-row INSERT.
+    Insert,
+    /// pgbench's built-in TPC-B-like transaction, at a scale of one branch per client so
+    /// that clients do not queue on one row.
+    TpcbLike,
+}
+
+impl Workload {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Insert => "single-row insert",
+            Self::TpcbLike => "TPC-B-like (3 UPDATEs, SELECT, INSERT)",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Floor {
+    pub workload: Workload,
     pub clients: usize,
     pub duration_s: f64,
-    /// pgbench's tps: each transaction is one single-row INSERT, committed.
+    /// pgbench's tps: each transaction is one workload transaction, committed.
     pub commits_per_s: f64,
     pub transactions: u64,
 }
 
-const SCRIPT: &str = "INSERT INTO floor DEFAULT VALUES;\n";
+const INSERT: &str = "INSERT INTO floor DEFAULT VALUES;\n";
 
-pub async fn run(target: &Target, clients: usize, duration: Duration) -> anyhow::Result<Floor> {
+pub async fn run(
+    target: &Target,
+    workload: Workload,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Floor> {
     anyhow::ensure!(clients > 0, "the floor needs at least one client");
     let secs = duration.as_secs().max(1);
     let database = target.database("bench_floor");
@@ -44,15 +74,26 @@ pub async fn run(target: &Target, clients: usize, duration: Duration) -> anyhow:
         .await?;
     let url = target.postgres.database_url(&database);
     let result = async {
-        let mut db = PgConnectOptions::from_str(&url)?.connect().await?;
-        sqlx::raw_sql(
-            "CREATE TABLE floor (id BIGSERIAL PRIMARY KEY, \
-             at TIMESTAMPTZ NOT NULL DEFAULT now())",
-        )
-        .execute(&mut db)
-        .await?;
-        db.close().await?;
-        pgbench(&url, clients, secs).await
+        let run = match workload {
+            Workload::Insert => {
+                let mut db = PgConnectOptions::from_str(&url)?.connect().await?;
+                sqlx::raw_sql(
+                    "CREATE TABLE floor (id BIGSERIAL PRIMARY KEY, \
+                     at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                )
+                .execute(&mut db)
+                .await?;
+                db.close().await?;
+                vec![Arg::Script(INSERT)]
+            }
+            Workload::TpcbLike => {
+                pgbench(&url, &[Arg::Init { scale: clients }]).await?;
+                vec![Arg::Builtin("tpcb-like")]
+            }
+        };
+        let mut args = vec![Arg::Clients(clients), Arg::Seconds(secs)];
+        args.extend(run);
+        parse_run(&pgbench(&url, &args).await?)
     }
     .await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
@@ -60,6 +101,7 @@ pub async fn run(target: &Target, clients: usize, duration: Duration) -> anyhow:
         .await?;
     let (commits_per_s, transactions) = result?;
     Ok(Floor {
+        workload,
         clients,
         duration_s: secs as f64,
         commits_per_s,
@@ -67,21 +109,53 @@ pub async fn run(target: &Target, clients: usize, duration: Duration) -> anyhow:
     })
 }
 
-/// Runs pgbench; the connection goes in PG* variables, not the command line, so that a
-/// password does not show in the process list.
-async fn pgbench(url: &str, clients: usize, secs: u64) -> anyhow::Result<(f64, u64)> {
+/// What one pgbench call does.
+enum Arg {
+    /// Fills the standard tables (`pgbench -i`) at a scale.
+    Init {
+        scale: usize,
+    },
+    Clients(usize),
+    Seconds(u64),
+    /// A script's text, written to a file for pgbench.
+    Script(&'static str),
+    Builtin(&'static str),
+}
+
+/// Runs pgbench and returns its output; the connection goes in PG* variables, not the
+/// command line, so that a password does not show in the process list.
+async fn pgbench(url: &str, args: &[Arg]) -> anyhow::Result<String> {
     let parsed = reqwest::Url::parse(url).context("COMMERCE__POSTGRES__URL is not a URL")?;
-    let script =
-        std::env::temp_dir().join(format!("commerce-bench-floor-{}.sql", std::process::id()));
-    std::fs::write(&script, SCRIPT)?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut command = tokio::process::Command::new("pgbench");
+    let mut script_file = None;
+    for arg in args {
+        match *arg {
+            Arg::Init { scale } => {
+                command.args(["--initialize", "--quiet"]);
+                command.arg(format!("--scale={scale}"));
+            }
+            Arg::Clients(clients) => {
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                command.args(["--no-vacuum", "--protocol=prepared"]);
+                command.arg(format!("--client={clients}"));
+                command.arg(format!("--jobs={}", clients.min(threads)));
+            }
+            Arg::Seconds(secs) => {
+                command.arg(format!("--time={secs}"));
+            }
+            Arg::Script(text) => {
+                let path = std::env::temp_dir()
+                    .join(format!("commerce-bench-floor-{}.sql", std::process::id()));
+                std::fs::write(&path, text)?;
+                command.arg(format!("--file={}", path.display()));
+                script_file = Some(path);
+            }
+            Arg::Builtin(name) => {
+                command.arg(format!("--builtin={name}"));
+            }
+        }
+    }
     command
-        .args(["--no-vacuum", "--protocol=prepared"])
-        .arg(format!("--client={clients}"))
-        .arg(format!("--jobs={}", clients.min(threads)))
-        .arg(format!("--time={secs}"))
-        .arg(format!("--file={}", script.display()))
         .arg(parsed.path().trim_start_matches('/'))
         .env("PGHOST", parsed.host_str().unwrap_or("127.0.0.1"))
         .env("PGPORT", parsed.port().unwrap_or(5432).to_string())
@@ -96,12 +170,14 @@ async fn pgbench(url: &str, clients: usize, secs: u64) -> anyhow::Result<(f64, u
         }
     }
     let output = command.output().await;
-    let _ = std::fs::remove_file(&script);
+    if let Some(path) = script_file {
+        let _ = std::fs::remove_file(path);
+    }
     let output = output.context(
         "running pgbench (install it: apt-get install postgresql-contrib, or the \
          postgresql-client package of your PostgreSQL version)",
     )?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         bail!(
             "pgbench failed ({}): {}{}",
@@ -110,7 +186,11 @@ async fn pgbench(url: &str, clients: usize, secs: u64) -> anyhow::Result<(f64, u
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    parse(&stdout).with_context(|| format!("pgbench's output has no tps line:\n{stdout}"))
+    Ok(stdout)
+}
+
+fn parse_run(stdout: &str) -> anyhow::Result<(f64, u64)> {
+    parse(stdout).with_context(|| format!("pgbench's output has no tps line:\n{stdout}"))
 }
 
 /// `tps = 1234.5 (without initial connection time)` and

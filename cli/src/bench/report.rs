@@ -38,7 +38,8 @@ pub struct Report {
     /// overload); not an invariant violation, but worth a look.
     pub unexpected: u64,
     pub commits: Option<Commits>,
-    pub floor: Option<FloorComparison>,
+    /// One per pgbench workload run.
+    pub floors: Vec<FloorComparison>,
     /// How busy the machine was and what the host took, during the load.
     pub machine: Option<Machine>,
     pub violations: Vec<Violation>,
@@ -250,7 +251,7 @@ impl Report {
             by_kind,
             unexpected,
             commits,
-            floor: None,
+            floors: Vec::new(),
             machine: None,
             violations,
             scope,
@@ -281,7 +282,7 @@ impl Report {
         } else {
             0.0
         };
-        self.floor = Some(FloorComparison {
+        self.floors.push(FloorComparison {
             achieved_share: if ceiling > 0.0 {
                 self.throughput.finished_per_s / ceiling
             } else {
@@ -445,11 +446,12 @@ impl Report {
                 c.estimated_per_paid_order
             );
         }
-        if let Some(f) = &self.floor {
+        for f in &self.floors {
             let _ = writeln!(
                 s,
-                "  floor     pgbench {:.0} commits/s at {} clients ÷ {:.1} commits per order ({}) = \
+                "  floor     pgbench {} {:.0} commits/s at {} clients ÷ {:.1} commits per order ({}) = \
                  {:.1} orders/s ceiling; achieved {:.1} orders/s ({:.0}%)",
+                f.floor.workload.describe(),
                 f.floor.commits_per_s,
                 f.floor.clients,
                 f.commits_per_order,
