@@ -10,7 +10,7 @@ TEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help up test release fmt lint check infra browser bench bench-hop bench-gateway gateway-instructions bench-catalog bench-reservations check-broker-restart
+.PHONY: help up test release fmt lint check infra browser bench bench-saga bench-hop bench-gateway gateway-instructions bench-catalog bench-reservations check-broker-restart
 
 help: ## List the targets
 	@echo "Commerce make targets:"
@@ -54,6 +54,9 @@ check: lint test ## lint + test
 
 bench: ## Saga load against a running system (make up); BENCH_ARGS='--rate 100 --duration 30s --floor'
 	$(CARGO) run --quiet --bin commerce -- bench $(BENCH_ARGS)
+
+bench-saga: infra ## Issue 5's figures: highest rate, 100/50/25% load, pgbench floors (stop make up first)
+	scripts/bench-saga.sh
 
 bench-hop: infra ## Benchmark one message hop through the broker
 	$(CARGO) bench -p shared --bench one_hop
