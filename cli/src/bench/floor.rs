@@ -45,6 +45,8 @@ pub struct Floor {
     /// pgbench's tps: each transaction is one workload transaction, committed.
     pub commits_per_s: f64,
     pub transactions: u64,
+    /// What pgbench says it ran (`transaction type:`).
+    pub pgbench_transaction: String,
 }
 
 const INSERT: &str = "INSERT INTO floor DEFAULT VALUES;\n";
@@ -99,13 +101,14 @@ pub async fn run(
     sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
         .execute(&mut server)
         .await?;
-    let (commits_per_s, transactions) = result?;
+    let run = result?;
     Ok(Floor {
         workload,
         clients,
         duration_s: secs as f64,
-        commits_per_s,
-        transactions,
+        commits_per_s: run.tps,
+        transactions: run.transactions,
+        pgbench_transaction: run.transaction_type,
     })
 }
 
@@ -189,33 +192,41 @@ async fn pgbench(url: &str, args: &[Arg]) -> anyhow::Result<String> {
     Ok(stdout)
 }
 
-fn parse_run(stdout: &str) -> anyhow::Result<(f64, u64)> {
+/// What pgbench reported of a run.
+#[derive(Debug, PartialEq)]
+struct Run {
+    tps: f64,
+    transactions: u64,
+    /// Its `transaction type:` line: the script's file or the built-in's name.
+    transaction_type: String,
+}
+
+fn parse_run(stdout: &str) -> anyhow::Result<Run> {
     parse(stdout).with_context(|| format!("pgbench's output has no tps line:\n{stdout}"))
 }
 
-/// `tps = 1234.5 (without initial connection time)` and
+/// `transaction type: …`, `tps = 1234.5 (without initial connection time)` and
 /// `number of transactions actually processed: 12345`.
-fn parse(stdout: &str) -> Option<(f64, u64)> {
-    let tps = stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("tps = "))
+fn parse(stdout: &str) -> Option<Run> {
+    let line = |prefix: &str| stdout.lines().find_map(|l| l.trim().strip_prefix(prefix));
+    let tps = line("tps = ")
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())?;
-    let transactions = stdout
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("number of transactions actually processed: ")
-        })
+    let transactions = line("number of transactions actually processed: ")
         .and_then(|rest| rest.split('/').next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
-    Some((tps, transactions))
+    let transaction_type = line("transaction type: ").unwrap_or_default().to_owned();
+    Some(Run {
+        tps,
+        transactions,
+        transaction_type,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse;
+    use super::{Run, parse};
 
     #[test]
     fn reads_pgbench_output() {
@@ -224,7 +235,12 @@ mod tests {
                    latency average = 0.970 ms\n\
                    initial connection time = 3.120 ms\n\
                    tps = 4123.456789 (without initial connection time)\n";
-        assert_eq!(parse(out), Some((4123.456789, 41234)));
+        let run = Run {
+            tps: 4123.456789,
+            transactions: 41234,
+            transaction_type: "floor.sql".to_owned(),
+        };
+        assert_eq!(parse(out), Some(run));
         assert_eq!(parse("nothing here"), None);
     }
 }
