@@ -130,5 +130,7 @@ print(f"| POST /api/v1/auth/login through the gateway (argon2id m=19 MiB, t=2, p
 print("|---|---:|---:|---:|---:|")
 print()
 ratio = med["gateway"][0] / med["nginx"][0] * 100
+if any(m[3] for m in med.values()) or any(f[3] for f in fixed.values()):
+    print("bench-gateway: WARNING: some answers were not 2xx; those runs did not measure the GET", file=sys.stderr)
 print(f"gateway max throughput = {ratio:.0f}% of nginx's; p99 at equal load: gateway {float(fixed['gateway'][2]):.2f} ms, nginx {float(fixed['nginx'][2]):.2f} ms")
 EOF

@@ -356,12 +356,13 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use deadpool_redis::redis::AsyncCommands as _;
+    use deadpool_redis::redis::aio::MultiplexedConnection;
 
     use super::*;
 
     const REDIS: &str = "redis://127.0.0.1:6379";
 
-    async fn connection() -> deadpool_redis::redis::aio::MultiplexedConnection {
+    async fn connection() -> MultiplexedConnection {
         Client::open(REDIS)
             .expect("client")
             .get_multiplexed_async_connection()
@@ -372,20 +373,26 @@ mod tests {
     /// Waits for the limiters' refills ahead to end, then removes the keys the test's
     /// namespace left in Redis.
     async fn forget(ns: &str, limiters: &[&RateLimiter]) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while limiters
-            .iter()
-            .flat_map(|limiter| limiter.leases.iter())
-            .any(|(_, entry)| entry.lease().ahead)
-        {
-            assert!(Instant::now() < deadline, "a refill ahead did not end");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        testkit::eventually("the refills ahead to end", async || {
+            let running = limiters
+                .iter()
+                .flat_map(|limiter| limiter.leases.iter())
+                .any(|(_, entry)| entry.lease().ahead);
+            (!running).then_some(())
+        })
+        .await;
         let mut redis = connection().await;
         let keys: Vec<String> = redis.keys(format!("{ns}:rl:*")).await.expect("keys");
         if !keys.is_empty() {
             let _: () = redis.del(keys).await.expect("del");
         }
+    }
+
+    /// The "theoretical arrival time" Redis holds for a key: it moves only when cells
+    /// are taken.
+    async fn tat(redis: &mut MultiplexedConnection, key: &str) -> f64 {
+        let tat: String = redis.get(key).await.expect("key");
+        tat.parse().expect("number")
     }
 
     fn namespace() -> String {
@@ -466,31 +473,27 @@ mod tests {
         };
         let mut redis = connection().await;
         let key = format!("{ns}:rl:user:u1");
-        let tat = async |redis: &mut deadpool_redis::redis::aio::MultiplexedConnection| -> f64 {
-            redis
-                .get::<_, String>(&key)
-                .await
-                .expect("key")
-                .parse()
-                .expect("number")
-        };
         let first = limiter.check("user", "u1", policy).await.expect("decision");
         assert_eq!(first.remaining, 99);
-        let after_first = tat(&mut redis).await;
+        let after_first = tat(&mut redis, &key).await;
         for expected in [98, 97] {
             let decision = limiter.check("user", "u1", policy).await.expect("decision");
             assert_eq!(decision.remaining, expected);
         }
-        assert_eq!(tat(&mut redis).await, after_first, "spent from the lease");
+        assert_eq!(
+            tat(&mut redis, &key).await,
+            after_first,
+            "spent from the lease"
+        );
         // This one leaves one cell of five: the next lease is asked for now, not when a
         // request finds none left.
         let decision = limiter.check("user", "u1", policy).await.expect("decision");
         assert_eq!(decision.remaining, 96);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while tat(&mut redis).await == after_first {
-            assert!(Instant::now() < deadline, "no lease taken ahead");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        testkit::eventually("the next lease taken ahead", || {
+            let (mut redis, key) = (redis.clone(), key.clone());
+            async move { (tat(&mut redis, &key).await != after_first).then_some(()) }
+        })
+        .await;
         // The count goes on across the two leases.
         for expected in [95, 94, 93] {
             let decision = limiter.check("user", "u1", policy).await.expect("decision");

@@ -50,9 +50,12 @@ PIDS=()
 trap cleanup EXIT
 drop_dbs
 
-# The namespace, keys in WORK, quiet logs, and rate limits so high that every request is
-# counted (leased from Redis) but none is refused.
+# The namespace, keys in WORK, quiet logs, a token that outlives the longest run (one
+# of 9 rounds takes 17 minutes; a token of the default 15 turns the rest into 401s), and
+# rate limits so high that every request is counted (leased from Redis) but none is
+# refused.
 export COMMERCE__NAMESPACE=$NS COMMERCE__AUTH__KEYS_DIR="$WORK/keys" COMMERCE__LOG__FILTER=warn
+export COMMERCE__AUTH__ACCESS_TOKEN_TTL_SECS=86400
 for scope in USER AUTH ANONYMOUS; do
   export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__PER_MINUTE=1000000000"
   export "COMMERCE__GATEWAY__RATE_LIMIT__${scope}__BURST=100000000"
