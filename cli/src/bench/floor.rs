@@ -118,6 +118,7 @@ enum Arg {
     Init {
         scale: usize,
     },
+    /// Clients of a run, with prepared statements and no vacuum before it.
     Clients(usize),
     Seconds(u64),
     /// A script's text, written to a file for pgbench.
