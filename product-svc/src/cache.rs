@@ -565,19 +565,17 @@ impl Cache {
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
-    use testkit::{TcpProxy, eventually};
+    use testkit::{TcpProxy, TestEnv, eventually};
     use tokio::sync::watch;
 
     use super::*;
 
     const REDIS: &str = "127.0.0.1:6379";
 
-    /// A cache on the real Redis (reached at `address`), in a namespace of its own.
-    fn cache_at(address: &str) -> Cache {
-        let settings = shared::Settings {
-            namespace: format!("t{}", Uuid::now_v7().simple()),
-            ..shared::Settings::default()
-        };
+    /// A cache on the real Redis (reached at `address`), in the test's namespace, whose
+    /// keys go when `env` does.
+    fn cache_at(env: &TestEnv, address: &str) -> Cache {
+        let settings = env.settings();
         let pool = deadpool_redis::Config::from_url(format!("redis://{address}"))
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .expect("pool");
@@ -609,7 +607,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_load_that_raced_a_change_never_puts_the_old_value_back() {
-        let cache = cache_at(REDIS);
+        let env = TestEnv::new();
+        let cache = cache_at(&env, REDIS);
         let id = Uuid::now_v7();
         let loads = Arc::new(AtomicUsize::new(0));
 
@@ -646,7 +645,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_change_orphans_every_list_page() {
-        let cache = cache_at(REDIS);
+        let env = TestEnv::new();
+        let cache = cache_at(&env, REDIS);
         let loads = Arc::new(AtomicUsize::new(0));
         assert_eq!(
             text(cache.list("q=tea", counted(&loads, "page 1")).await),
@@ -677,7 +677,8 @@ mod tests {
     #[tokio::test]
     async fn without_redis_reads_load_and_missed_invalidations_are_delivered_later() {
         let proxy = TcpProxy::start(REDIS.parse().expect("address")).await;
-        let cache = cache_at(&proxy.address().to_string());
+        let env = TestEnv::new();
+        let cache = cache_at(&env, &proxy.address().to_string());
         let stop = CancellationToken::new();
         let retries = tokio::spawn(cache.clone().run_retries(stop.clone()));
         let id = Uuid::now_v7();

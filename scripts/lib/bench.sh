@@ -4,8 +4,8 @@
 # exit; the services' settings exported; require, build_release, wait_for and
 # register_token. On exit the namespace's queues and exchanges go too (testkit's
 # drop-namespace, built with the services): every relay declares all subscribers'
-# queues, and those of services a script does not run would keep its events. Its Redis
-# keys expire by TTL.
+# queues, and those of services a script does not run would keep its events; its Redis
+# keys go as well.
 
 require() {
   local tool

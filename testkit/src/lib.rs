@@ -184,8 +184,9 @@ impl Drop for TestEnv {
     }
 }
 
-/// Deletes everything made under `namespace`: its databases, its exchanges, and the
-/// queues of every service that has a database there or is in the subscription table.
+/// Deletes everything made under `namespace`: its databases, its exchanges, its Redis
+/// keys, and the queues of every service that has a database there or is in the
+/// subscription table.
 /// Wait queues are named by delay, so those of every delay a service may have used go:
 /// `settings`' own, `extra_delays`, and the defaults (for services started as processes
 /// with them). What [`TestEnv`] does on drop; the benchmark scripts run it as
@@ -250,10 +251,30 @@ pub async fn drop_namespace(
     };
     note(result.await);
     note(amqp.close(200, "cleanup".into()).await.map_err(Into::into));
+    note(delete_redis_keys(namespace, &settings).await);
     for database in &databases {
         note(when_slots_free(|| shared::db::drop_database(&settings.postgres, database)).await);
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Deletes the namespace's Redis keys (catalog cache entries, rate-limit state): they
+/// would expire by themselves, but only minutes later.
+async fn delete_redis_keys(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
+    use deadpool_redis::redis::{AsyncCommands as _, Client};
+    use futures_util::TryStreamExt as _;
+    let mut redis = Client::open(settings.redis.url.expose_secret())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let keys: Vec<String> = redis
+        .scan_match::<_, String>(format!("{namespace}:*"))
+        .await?
+        .try_collect()
+        .await?;
+    for batch in keys.chunks(1000) {
+        let () = redis.del(batch).await?;
+    }
+    Ok(())
 }
 
 /// Retries `op` while PostgreSQL is out of connection slots (SQLSTATE 53300): tests
