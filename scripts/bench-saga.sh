@@ -10,9 +10,9 @@
 #
 #   scripts/bench-saga.sh
 #
-# The namespace is `benchsaga` (its databases, queues and exchanges are removed on exit);
-# the system's default ports must be free (stop `make up` first). Needs psql, pgbench,
-# curl and python3.
+# The namespace is `benchsaga` (its databases, queues, exchanges and Redis keys are removed
+# on exit); the system's default ports must be free (stop `make up` first). Needs psql,
+# pgbench, curl and python3.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CONCURRENCY=${BENCH_CONCURRENCY:-16}

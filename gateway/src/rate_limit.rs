@@ -381,11 +381,9 @@ mod tests {
             (!running).then_some(())
         })
         .await;
-        let mut redis = connection().await;
-        let keys: Vec<String> = redis.keys(format!("{ns}:rl:*")).await.expect("keys");
-        if !keys.is_empty() {
-            let _: () = redis.del(keys).await.expect("del");
-        }
+        testkit::delete_redis_keys(ns, REDIS)
+            .await
+            .expect("the namespace's keys deleted");
     }
 
     /// The "theoretical arrival time" Redis holds for a key: it moves only when cells

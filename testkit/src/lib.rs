@@ -251,7 +251,7 @@ pub async fn drop_namespace(
     };
     note(result.await);
     note(amqp.close(200, "cleanup".into()).await.map_err(Into::into));
-    note(delete_redis_keys(namespace, &settings).await);
+    note(delete_redis_keys(namespace, settings.redis.url.expose_secret()).await);
     for database in &databases {
         note(when_slots_free(|| shared::db::drop_database(&settings.postgres, database)).await);
     }
@@ -260,10 +260,10 @@ pub async fn drop_namespace(
 
 /// Deletes the namespace's Redis keys (catalog cache entries, rate-limit state): they
 /// would expire by themselves, but only minutes later.
-async fn delete_redis_keys(namespace: &str, settings: &Settings) -> anyhow::Result<()> {
+pub async fn delete_redis_keys(namespace: &str, redis_url: &str) -> anyhow::Result<()> {
     use deadpool_redis::redis::{AsyncCommands as _, Client};
     use futures_util::TryStreamExt as _;
-    let mut redis = Client::open(settings.redis.url.expose_secret())?
+    let mut redis = Client::open(redis_url)?
         .get_multiplexed_async_connection()
         .await?;
     let keys: Vec<String> = redis
