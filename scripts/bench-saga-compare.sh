@@ -6,8 +6,9 @@
 #   scripts/bench-saga-compare.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS]
 #
 # A bin dir holds a release build's binaries (commerce, every service and testkit's
-# drop-namespace), e.g. copied from target/release. The namespace is `benchcmp` (its databases are dropped and
-# recreated each run); the system's default ports must be free (stop `make up` first).
+# drop-namespace), e.g. copied from target/release. The namespace is `benchcmp` (its
+# databases are dropped and recreated each run); the system's default ports must be free
+# (stop `make up` first).
 # Needs psql and curl; the bench itself is the NEW build's `commerce bench`.
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n 2,10p "$0"; exit 2; }

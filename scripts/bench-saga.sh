@@ -11,37 +11,32 @@
 #   scripts/bench-saga.sh
 #
 # The namespace is `benchsaga` (its databases, queues, exchanges and Redis keys are removed
-# on exit); the system's default ports must be free (stop `make up` first). Needs psql,
+# on exit); the system's default ports must be free (stop `make up` first). Needs
 # pgbench, curl and python3.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CONCURRENCY=${BENCH_CONCURRENCY:-16}
 export COMMERCE__NAMESPACE=benchsaga COMMERCE__GATEWAY__RATE_LIMIT__ENABLED=false
-PG=(psql -h 127.0.0.1 -U postgres -Atq)
-for tool in psql pgbench curl python3 cargo; do
+for tool in pgbench curl python3 cargo; do
   command -v "$tool" >/dev/null || { echo "bench-saga: $tool is required" >&2; exit 1; }
 done
 
 cargo build --release -q --bins
 BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
 
-drop_dbs() {
-  for db in $("${PG[@]}" -c "SELECT datname FROM pg_database WHERE datname LIKE 'benchsaga\_%'"); do
-    "${PG[@]}" -c "DROP DATABASE $db WITH (FORCE)"
-  done
-}
 UP=
 finish() {
   if [ -n "$UP" ]; then
     kill -TERM "$UP" 2>/dev/null || true
     wait "$UP" 2>/dev/null || true
   fi
-  drop_dbs
   "$BIN/drop-namespace" || true
 }
 trap finish EXIT
 
-drop_dbs
+# testkit's drop-namespace removes the namespace's databases, queues, exchanges and Redis
+# keys: a fresh start here, a clean machine at exit.
+"$BIN/drop-namespace"
 "$BIN/commerce" up --bin-dir "$BIN" >/tmp/bench-saga-up.log 2>&1 &
 UP=$!
 for _ in $(seq 120); do curl -fs localhost:8080/ready >/dev/null 2>&1 && break; sleep 1; done

@@ -300,12 +300,8 @@ impl RateLimiter {
         if let (Some(decision), ahead) = entry.lease().local() {
             return Ok((decision, ahead));
         }
-        let called = self.call(key, ask).await;
-        refills.ended += 1;
-        refills.last_failed = called.is_err();
-        let mut lease = entry.lease();
-        lease.add(&called?, ask.limit, ask.want);
-        match lease.local() {
+        self.call_and_add(entry, &mut refills, key, ask).await?;
+        match entry.lease().local() {
             (Some(decision), ahead) => Ok((decision, ahead)),
             // Unreachable: a grant leaves a cell or a refusal.
             (None, _) => anyhow::bail!("the rate-limit lease was empty after a refill"),
@@ -318,16 +314,28 @@ impl RateLimiter {
         let limiter = self.clone();
         tokio::spawn(async move {
             let mut refills = entry.refill.lock().await;
-            let called = limiter.call(&key, ask).await;
-            refills.ended += 1;
-            refills.last_failed = called.is_err();
-            let mut lease = entry.lease();
-            lease.ahead = false;
-            match called {
-                Ok(grant) => lease.add(&grant, ask.limit, ask.want),
-                Err(error) => tracing::warn!(%error, "rate-limit refill ahead failed"),
+            let added = limiter.call_and_add(&entry, &mut refills, &key, ask).await;
+            entry.lease().ahead = false;
+            if let Err(error) = added {
+                tracing::warn!(%error, "rate-limit refill ahead failed");
             }
         });
+    }
+
+    /// One call to Redis under the client's refill lock: its outcome is recorded for the
+    /// requests waiting on the lock, and what it granted joins the lease.
+    async fn call_and_add(
+        &self,
+        entry: &Entry,
+        refills: &mut Refills,
+        key: &str,
+        ask: Ask,
+    ) -> anyhow::Result<()> {
+        let called = self.call(key, ask).await;
+        refills.ended += 1;
+        refills.last_failed = called.is_err();
+        entry.lease().add(&called?, ask.limit, ask.want);
+        Ok(())
     }
 
     /// Asks Redis for up to `ask.want` cells.
