@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Two builds of the system, compared on one machine: each round starts each build with
-# `commerce up` on freshly created databases and runs the same closed loop of sagas, in
-# the order A, B, A, B, … so that drift of the machine touches both alike.
+# `commerce up` on freshly created databases and runs the same load, in the order A, B,
+# A, B, … so that drift of the machine touches both alike.
 #
-#   scripts/bench-saga-compare.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS]
+#   [BENCH_SAGA_LOAD='--rate 25 --duration 30s'] scripts/bench-saga-compare.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS]
 #
 # A bin dir holds a release build's binaries (commerce, every service and testkit's
 # drop-namespace), e.g. copied from target/release. The namespace is `benchcmp` (its
@@ -13,6 +13,9 @@
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n 2,10p "$0"; exit 2; }
 A=$(cd "$1" && pwd); B=$(cd "$2" && pwd); ROUNDS=${3:-2}
+# The load of each run, by default the closed loop that finds the highest rate. A fixed
+# rate compares the CPU each build spends per order, which varies less between runs.
+read -r -a LOAD <<<"${BENCH_SAGA_LOAD:---concurrency 16 --duration 20s}"
 export COMMERCE__NAMESPACE=benchcmp COMMERCE__GATEWAY__RATE_LIMIT__ENABLED=false
 PG=(psql -h 127.0.0.1 -U postgres -Atq)
 
@@ -35,7 +38,7 @@ for round in $(seq 1 "$ROUNDS"); do
     "$bin/commerce" up --bin-dir "$bin" >"/tmp/bench-saga-compare-up.log" 2>&1 &
     for _ in $(seq 120); do curl -fs localhost:8080/ready >/dev/null 2>&1 && break; sleep 1; done
     echo "== round $round: $bin"
-    "$B/commerce" bench --concurrency 16 --duration 20s --no-commits 2>&1 |
+    "$B/commerce" bench "${LOAD[@]}" --no-commits 2>&1 |
       grep -E "machine|rate|202 → paid|invariants|violation"
     stop "$bin"
   done

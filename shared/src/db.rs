@@ -1,10 +1,15 @@
 //! Database bootstrap: each service owns `<ns>_<service>`, created if missing, with the
 //! kernel's tables and the service's own migrations applied at start.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use sqlx::{Connection as _, PgConnection, PgPool, migrate::Migrator, postgres::PgPoolOptions};
+use sqlx::{
+    Connection as _, PgConnection, PgPool, Postgres, migrate::Migrator, pool::PoolConnection,
+    postgres::PgPoolOptions,
+};
 
 use crate::config::{PostgresSettings, Settings};
 
@@ -61,13 +66,111 @@ pub async fn drop_database(settings: &PostgresSettings, name: &str) -> anyhow::R
     Ok(())
 }
 
+/// A connection idle longer than this is pinged before it is handed out. One back from
+/// use moments ago is not: under load that ping was a round trip to the server for every
+/// checkout, and a connection that broke since fails its first statement, which callers
+/// already treat as transient (retried).
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 pub async fn pool(settings: &PostgresSettings, database: &str) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_AFTER_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect(&settings.database_url(database))
         .await
         .with_context(|| format!("connecting to database {database}"))
+}
+
+/// Connections a busy loop (a consumer, a relay) keeps between uses instead of handing
+/// them back: the pool pings every connection it takes back, a round trip to the server
+/// per message. At most `keep` are kept, none unused for longer than [`PING_AFTER_IDLE`],
+/// so the pool's other users are not starved and a connection that may have broken while
+/// idle goes back through the pool's check.
+#[derive(Clone)]
+pub struct Warm {
+    inner: Arc<WarmInner>,
+}
+
+struct WarmInner {
+    pool: PgPool,
+    keep: usize,
+    /// Oldest first.
+    idle: Mutex<VecDeque<(PoolConnection<Postgres>, Instant)>>,
+    trimming: std::sync::Once,
+}
+
+impl Warm {
+    pub fn new(pool: PgPool, keep: usize) -> Self {
+        Self {
+            inner: Arc::new(WarmInner {
+                pool,
+                keep,
+                idle: Mutex::new(VecDeque::new()),
+                trimming: std::sync::Once::new(),
+            }),
+        }
+    }
+
+    /// The connection given back last, if still warm; else one from the pool.
+    pub async fn take(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let warm = lock(&self.inner.idle).pop_back();
+        match warm {
+            Some((conn, since)) if since.elapsed() <= PING_AFTER_IDLE => Ok(conn),
+            stale => {
+                drop(stale);
+                self.inner.pool.acquire().await
+            }
+        }
+    }
+
+    /// Keeps a connection whose last use succeeded, for the next [`Warm::take`]. A
+    /// connection that failed is dropped instead, so the pool checks it.
+    pub fn give_back(&self, conn: PoolConnection<Postgres>) {
+        self.start_trimming();
+        let mut idle = lock(&self.inner.idle);
+        if idle.len() < self.inner.keep {
+            idle.push_back((conn, Instant::now()));
+        }
+    }
+
+    /// Returns the connections unused for too long to the pool, until the last handle
+    /// is dropped.
+    fn start_trimming(&self) {
+        let weak: Weak<WarmInner> = Arc::downgrade(&self.inner);
+        self.inner.trimming.call_once(|| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PING_AFTER_IDLE);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { break };
+                    let stale: Vec<_> = {
+                        let mut idle = lock(&inner.idle);
+                        let fresh = idle
+                            .iter()
+                            .position(|(_, since)| since.elapsed() <= PING_AFTER_IDLE)
+                            .unwrap_or(idle.len());
+                        idle.drain(..fresh).collect()
+                    };
+                    drop(stale);
+                }
+            });
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing here can be left half-updated by a panic: take the data as it is.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Applies the kernel's migrations and then the service's own, in version order.

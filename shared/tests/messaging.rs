@@ -12,6 +12,7 @@ use lapin::{
     options::{BasicGetOptions, BasicRejectOptions},
 };
 use serde::Deserialize;
+use shared::db::Warm;
 use shared::messaging::{
     Broker, Consumer, Envelope, Handler, HandlerError, NewEvent, Observer, Outbox, Outcome,
     Topology, dead_letter::Status, headers,
@@ -541,6 +542,89 @@ async fn a_message_delivered_twice_changes_state_once() {
     assert_eq!(sub.calls(), 1);
     assert_eq!(sub.count("processed_messages").await, 1);
     sub.stop().await;
+}
+
+async fn backend_pid(conn: &mut PgConnection) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+        .expect("backend pid")
+}
+
+#[tokio::test]
+async fn a_kept_connection_is_reused_at_once_and_returned_to_the_pool_when_unused() {
+    let env = TestEnv::new();
+    let pool = env.database("warm").await;
+    let warm = Warm::new(pool.clone(), 1);
+    let mut first = warm.take().await.expect("a connection");
+    let mut second = warm.take().await.expect("another connection");
+    let first_pid = backend_pid(&mut first).await;
+    assert_ne!(backend_pid(&mut second).await, first_pid);
+
+    // Room for one: the first is kept, the second goes back to the pool.
+    warm.give_back(first);
+    warm.give_back(second);
+    let mut again = warm.take().await.expect("the kept connection");
+    assert_eq!(backend_pid(&mut again).await, first_pid);
+    warm.give_back(again);
+    assert!(
+        pool.num_idle() < pool.size() as usize,
+        "one is kept out of the pool"
+    );
+
+    eventually("the unused connection to be back in the pool", || async {
+        (pool.num_idle() == pool.size() as usize).then_some(())
+    })
+    .await;
+}
+
+/// Consumers and relays keep their connections between messages instead of handing
+/// them back to the pool each time; a database that drops them meanwhile (a restart, an
+/// idle timeout) must cost at most a retry, never a message or an event.
+#[tokio::test]
+async fn messages_and_events_survive_the_database_ending_every_session_between_them() {
+    let env = TestEnv::new();
+    notes_db(&env).await;
+    let mut noted = BrokerObserver::new(&env, &["test.noted"]).await;
+    let recorder = Arc::new(Recorder::default());
+    let behaviour = Arc::new(Behaviour {
+        follow_up: Some(Outbox::new(&env.topology("sub"))),
+        ..Behaviour::default()
+    });
+    let subscriber = Running::subscriber(&env, behaviour, recorder.clone()).await;
+
+    let first = Uuid::now_v7();
+    let (first_id, body) = note_message(first);
+    send(&env, &first_id, &body).await;
+    recorder.wait_for(&first_id, Outcome::Handled).await;
+    assert_eq!(body_of(&noted.next().await).correlation_id, first);
+
+    let killer = env.database("sub").await;
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&killer)
+    .await
+    .expect("end the sessions");
+    assert!(ended > 0, "the subscriber had sessions open");
+
+    let second = Uuid::now_v7();
+    let (second_id, body) = note_message(second);
+    send(&env, &second_id, &body).await;
+    recorder.wait_for(&second_id, Outcome::Handled).await;
+    assert_eq!(body_of(&noted.next().await).correlation_id, second);
+    // A fresh pool: the test's own connections were ended too.
+    let pool = env.database("sub").await;
+    assert_eq!(handled(&pool, first).await, 1);
+    assert_eq!(handled(&pool, second).await, 1);
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&pool)
+        .await
+        .expect("count dead letters");
+    assert_eq!(dead, 0);
+    outbox_drained(&pool).await;
+    subscriber.stop().await;
 }
 
 #[tokio::test]

@@ -170,8 +170,15 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Report> {
     };
 
     let cpu_before = machine::CpuTimes::now();
+    let load_started = std::time::Instant::now();
     let outcome = load::drive(target, options, &world, &dbs, &progress).await?;
-    let machine = machine::Machine::between(cpu_before, machine::CpuTimes::now(), &dbs.order).await;
+    let machine = machine::Machine::between(
+        cpu_before,
+        machine::CpuTimes::now(),
+        load_started.elapsed(),
+        &dbs.order,
+    )
+    .await;
 
     let commits = match commits_before {
         Some(before) => {

@@ -12,6 +12,9 @@ pub struct Machine {
     pub busy_pct: f64,
     /// Share of all cores' time the hypervisor gave to others during the load.
     pub stolen_pct: f64,
+    /// Core-seconds spent working during the load: divided by the orders, what an order
+    /// costs the whole machine (services, broker, database, the generator itself).
+    pub busy_core_s: f64,
     /// The PostgreSQL server's `autovacuum` setting (`None`: could not be read).
     pub autovacuum: Option<bool>,
 }
@@ -57,17 +60,22 @@ impl Machine {
     pub(crate) async fn between(
         before: Option<CpuTimes>,
         after: Option<CpuTimes>,
+        window: std::time::Duration,
         db: &PgPool,
     ) -> Self {
-        let (busy_pct, stolen_pct) = match (before, after) {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let (busy_pct, stolen_pct, busy_core_s) = match (before, after) {
             (Some(a), Some(b)) if b.total > a.total => {
                 let total = (b.total - a.total) as f64;
+                let busy = (b.busy - a.busy) as f64;
                 (
-                    (b.busy - a.busy) as f64 * 100.0 / total,
+                    busy * 100.0 / total,
                     (b.steal - a.steal) as f64 * 100.0 / total,
+                    // The window's wall time is its total ticks over the cores.
+                    busy / total * window.as_secs_f64() * cores as f64,
                 )
             }
-            _ => (f64::NAN, f64::NAN),
+            _ => (f64::NAN, f64::NAN, f64::NAN),
         };
         let autovacuum = sqlx::query_scalar::<_, String>("SHOW autovacuum")
             .fetch_one(db)
@@ -75,21 +83,31 @@ impl Machine {
             .ok()
             .map(|v| v == "on");
         Self {
-            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            cores,
             busy_pct,
             stolen_pct,
+            busy_core_s,
             autovacuum,
         }
     }
 
-    pub fn summary(&self) -> String {
+    /// `orders`: those placed during the load, to say what one cost.
+    pub fn summary(&self, orders: usize) -> String {
+        let per_order = if orders > 0 && self.busy_core_s.is_finite() {
+            format!(
+                " ({:.1} ms of CPU per order)",
+                self.busy_core_s * 1e3 / orders as f64
+            )
+        } else {
+            String::new()
+        };
         let autovacuum = match self.autovacuum {
             Some(true) => "on",
             Some(false) => "off (dead rows pile up from run to run)",
             None => "unknown",
         };
         format!(
-            "{} cores, {:.0}% busy, {:.0}% taken by the hypervisor; PostgreSQL autovacuum {autovacuum}",
+            "{} cores, {:.0}% busy{per_order}, {:.0}% taken by the hypervisor; PostgreSQL autovacuum {autovacuum}",
             self.cores, self.busy_pct, self.stolen_pct
         )
     }

@@ -326,7 +326,11 @@ impl Report {
             r.seed
         );
         if let Some(machine) = &self.machine {
-            let _ = writeln!(s, "  machine   {}", machine.summary());
+            let _ = writeln!(
+                s,
+                "  machine   {}",
+                machine.summary(self.scope.accepted.len())
+            );
         }
         if let Some(sc) = &self.schedule {
             let _ = writeln!(

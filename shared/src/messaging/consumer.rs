@@ -31,6 +31,7 @@ use uuid::Uuid;
 use super::outbox::{Backoff, pause};
 use super::{Broker, Envelope, Topology, headers};
 use crate::config::MessagingSettings;
+use crate::db::Warm;
 use crate::telemetry::TraceContext;
 
 /// Handles one event type inside the consumer's transaction.
@@ -183,7 +184,7 @@ enum Handled {
 pub struct Consumer {
     topology: Topology,
     broker: Broker,
-    pool: PgPool,
+    connections: Warm,
     handlers: HashMap<&'static str, Arc<dyn Handler>>,
     prefetch: u16,
     concurrency: usize,
@@ -219,10 +220,15 @@ impl Consumer {
                 );
             }
         }
+        // Half the pool at most, so the service's HTTP side always finds connections.
+        let keep = settings
+            .concurrency
+            .min(pool.options().get_max_connections() as usize / 2)
+            .max(1);
         Ok(Self {
             topology,
             broker,
-            pool,
+            connections: Warm::new(pool, keep),
             handlers: by_type,
             prefetch: settings.prefetch,
             concurrency: settings.concurrency,
@@ -457,19 +463,24 @@ impl Consumer {
         span.record("request_id", trace.request_id.as_deref().unwrap_or("-"));
 
         let work = async {
-            let mut conn = self.pool.acquire().await?;
-            let error = match conn.begin_with(begin_and_record(envelope.id, name)).await {
+            let mut conn = self.connections.take().await?;
+            let failed = match conn.begin_with(begin_and_record(envelope.id, name)).await {
                 Ok(mut tx) => {
                     handler.handle(&mut tx, &envelope).await?;
                     tx.commit().await?;
-                    return Ok::<_, HandlerError>(Handled::Done);
+                    None
                 }
-                Err(error) => error,
+                Err(error) => Some(error),
+            };
+            let Some(error) = failed else {
+                self.connections.give_back(conn);
+                return Ok::<_, HandlerError>(Handled::Done);
             };
             // The insert failed after the BEGIN: end the aborted transaction before the
-            // connection goes back to the pool.
+            // connection is used again.
             sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
             if is_unique_violation(&error) {
+                self.connections.give_back(conn);
                 Ok(Handled::Duplicate)
             } else {
                 Err(error.into())

@@ -17,11 +17,12 @@ use lapin::{
     types::{FieldTable, ShortString},
 };
 use serde_json::{Map, Value};
-use sqlx::{PgConnection, PgPool, postgres::PgListener};
+use sqlx::{Connection as _, PgConnection, PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Broker, Envelope, NewEvent, Topology, headers, subscriptions};
+use crate::db::Warm;
 use crate::telemetry::TraceContext;
 
 const CHANNEL: &str = "outbox";
@@ -189,6 +190,7 @@ async fn mark_failed(
 /// Publishes the outbox of one service database.
 pub struct Relay {
     pool: PgPool,
+    connections: Warm,
     broker: Broker,
     topology: Topology,
     service: String,
@@ -249,6 +251,7 @@ impl Relay {
         batch_size: i64,
     ) -> Self {
         Self {
+            connections: Warm::new(pool.clone(), 1),
             pool,
             broker,
             topology: topology.clone(),
@@ -337,7 +340,8 @@ impl Relay {
     async fn publish_batch(&self, channel: &mut Option<Channel>) -> Result<i64, RelayError> {
         // The rows are deleted as they are claimed; the delete commits only once the
         // broker confirmed every one of them.
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.connections.take().await?;
+        let mut tx = conn.begin().await?;
         let mut rows: Vec<Row> = sqlx::query_as(
             "DELETE FROM outbox WHERE seq IN \
              (SELECT seq FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
@@ -348,6 +352,8 @@ impl Relay {
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
+            tx.rollback().await?;
+            self.connections.give_back(conn);
             return Ok(0);
         }
         rows.sort_unstable_by_key(|r| r.seq);
@@ -364,6 +370,7 @@ impl Relay {
         };
         if failed.is_empty() {
             tx.commit().await?;
+            self.connections.give_back(conn);
         } else {
             // Rare (a refused or unroutable message): keep the refused rows, drop the rest.
             tx.rollback().await?;
