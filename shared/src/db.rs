@@ -145,8 +145,8 @@ impl Warm {
     /// Returns the connections unused for too long to the pool, until the last handle
     /// is dropped.
     fn start_trimming(&self) {
-        let weak: Weak<WarmInner> = Arc::downgrade(&self.inner);
         self.inner.trimming.call_once(|| {
+            let weak: Weak<WarmInner> = Arc::downgrade(&self.inner);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(PING_AFTER_IDLE);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

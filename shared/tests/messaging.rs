@@ -578,6 +578,20 @@ async fn a_kept_connection_is_reused_at_once_and_returned_to_the_pool_when_unuse
     .await;
 }
 
+/// Sends a new note and returns it once it was handled and its `test.noted` published.
+async fn note_handled_and_followed_up(
+    env: &TestEnv,
+    recorder: &Recorder,
+    noted: &mut BrokerObserver,
+) -> Uuid {
+    let note = Uuid::now_v7();
+    let (message_id, body) = note_message(note);
+    send(env, &message_id, &body).await;
+    recorder.wait_for(&message_id, Outcome::Handled).await;
+    assert_eq!(body_of(&noted.next().await).correlation_id, note);
+    note
+}
+
 /// Consumers and relays keep their connections between messages instead of handing
 /// them back to the pool each time; a database that drops them meanwhile (a restart, an
 /// idle timeout) must cost at most a retry, never a message or an event.
@@ -593,11 +607,7 @@ async fn messages_and_events_survive_the_database_ending_every_session_between_t
     });
     let subscriber = Running::subscriber(&env, behaviour, recorder.clone()).await;
 
-    let first = Uuid::now_v7();
-    let (first_id, body) = note_message(first);
-    send(&env, &first_id, &body).await;
-    recorder.wait_for(&first_id, Outcome::Handled).await;
-    assert_eq!(body_of(&noted.next().await).correlation_id, first);
+    let first = note_handled_and_followed_up(&env, &recorder, &mut noted).await;
 
     let killer = env.database("sub").await;
     let ended: i64 = sqlx::query_scalar(
@@ -609,11 +619,7 @@ async fn messages_and_events_survive_the_database_ending_every_session_between_t
     .expect("end the sessions");
     assert!(ended > 0, "the subscriber had sessions open");
 
-    let second = Uuid::now_v7();
-    let (second_id, body) = note_message(second);
-    send(&env, &second_id, &body).await;
-    recorder.wait_for(&second_id, Outcome::Handled).await;
-    assert_eq!(body_of(&noted.next().await).correlation_id, second);
+    let second = note_handled_and_followed_up(&env, &recorder, &mut noted).await;
     // A fresh pool: the test's own connections were ended too.
     let pool = env.database("sub").await;
     assert_eq!(handled(&pool, first).await, 1);

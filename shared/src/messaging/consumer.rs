@@ -220,7 +220,7 @@ impl Consumer {
                 );
             }
         }
-        // Half the pool at most, so the service's HTTP side always finds connections.
+        // Kept connections never take more than half the pool from the HTTP side.
         let keep = settings
             .concurrency
             .min(pool.options().get_max_connections() as usize / 2)
