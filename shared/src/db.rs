@@ -2,7 +2,7 @@
 //! kernel's tables and the service's own migrations applied at start.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, Once, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -105,7 +105,7 @@ struct WarmInner {
     keep: usize,
     /// Oldest first.
     idle: Mutex<VecDeque<(PoolConnection<Postgres>, Instant)>>,
-    trimming: std::sync::Once,
+    trimming: Once,
 }
 
 impl Warm {
@@ -115,7 +115,7 @@ impl Warm {
                 pool,
                 keep,
                 idle: Mutex::new(VecDeque::new()),
-                trimming: std::sync::Once::new(),
+                trimming: Once::new(),
             }),
         }
     }

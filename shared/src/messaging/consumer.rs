@@ -220,11 +220,11 @@ impl Consumer {
                 );
             }
         }
-        // Kept connections never take more than half the pool from the HTTP side.
+        // Kept connections never take more than half the pool from the HTTP side (a pool
+        // of one keeps none).
         let keep = settings
             .concurrency
-            .min(pool.options().get_max_connections() as usize / 2)
-            .max(1);
+            .min(pool.options().get_max_connections() as usize / 2);
         Ok(Self {
             topology,
             broker,
