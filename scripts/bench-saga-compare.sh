@@ -6,10 +6,10 @@
 #   [BENCH_SAGA_LOAD='--rate 25 --duration 30s'] scripts/bench-saga-compare.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS]
 #
 # A bin dir holds a release build's binaries (commerce, every service and testkit's
-# drop-namespace), e.g. copied from target/release. The namespace is `benchcmp` (its
-# databases are dropped and recreated each run); the system's default ports must be free
-# (stop `make up` first).
-# Needs psql and curl; the bench itself is the NEW build's `commerce bench`.
+# drop-namespace), e.g. copied from target/release. The namespace is `benchcmp`, removed
+# before each run and at exit; the system's default ports must be free (stop `make up`
+# first).
+# Needs curl; the bench itself is the NEW build's `commerce bench`.
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n 2,10p "$0"; exit 2; }
 A=$(cd "$1" && pwd); B=$(cd "$2" && pwd); ROUNDS=${3:-2}
@@ -17,26 +17,26 @@ A=$(cd "$1" && pwd); B=$(cd "$2" && pwd); ROUNDS=${3:-2}
 # rate compares the CPU each build spends per order, which varies less between runs.
 read -r -a LOAD <<<"${BENCH_SAGA_LOAD:---concurrency 16 --duration 20s}"
 export COMMERCE__NAMESPACE=benchcmp COMMERCE__GATEWAY__RATE_LIMIT__ENABLED=false
-PG=(psql -h 127.0.0.1 -U postgres -Atq)
+for tool in curl pgrep; do
+  command -v "$tool" >/dev/null || { echo "bench-saga-compare: $tool is required" >&2; exit 1; }
+done
+[ -x "$B/drop-namespace" ] || { echo "bench-saga-compare: $B has no drop-namespace (build it with --bins)" >&2; exit 1; }
+if curl -fs localhost:8080/ready >/dev/null 2>&1; then
+  echo "bench-saga-compare: something already answers on :8080 (a make up?); stop it first" >&2; exit 1
+fi
 
 stop() { pkill -TERM -f "^$1/" || true; for _ in $(seq 60); do pgrep -f "^$1/" >/dev/null || return 0; sleep 1; done; }
-drop_dbs() {
-  for db in $("${PG[@]}" -c "SELECT datname FROM pg_database WHERE datname LIKE 'benchcmp\_%'"); do
-    "${PG[@]}" -c "DROP DATABASE $db WITH (FORCE)"
-  done
-}
-# Relays declare every subscriber's queue; testkit's drop-namespace (in a bin dir when
-# it was built with the services) removes the namespace's queues and exchanges.
-drop_namespace() {
-  if [ -x "$B/drop-namespace" ]; then "$B/drop-namespace"; else echo "bench-saga-compare: no $B/drop-namespace; the benchcmp queues stay" >&2; fi
-}
-trap 'stop "$A"; stop "$B"; drop_dbs; drop_namespace' EXIT
+# testkit's drop-namespace removes the namespace's databases, queues, exchanges and Redis
+# keys, so each run starts from nothing.
+drop_namespace() { "$B/drop-namespace"; }
+trap 'stop "$A"; stop "$B"; drop_namespace' EXIT
 
 for round in $(seq 1 "$ROUNDS"); do
   for bin in "$A" "$B"; do
-    drop_dbs
+    drop_namespace
     "$bin/commerce" up --bin-dir "$bin" >"/tmp/bench-saga-compare-up.log" 2>&1 &
     for _ in $(seq 120); do curl -fs localhost:8080/ready >/dev/null 2>&1 && break; sleep 1; done
+    curl -fs localhost:8080/ready >/dev/null || { echo "bench-saga-compare: $bin did not get ready (/tmp/bench-saga-compare-up.log)" >&2; exit 1; }
     echo "== round $round: $bin"
     "$B/commerce" bench "${LOAD[@]}" --no-commits 2>&1 |
       grep -E "machine|rate|202 → paid|invariants|violation"
