@@ -70,7 +70,7 @@ impl Application {
         let notifier = Arc::new(notify::Notifier {
             mailer,
             templates: mail::Templates::new(settings.smtp.templates_dir.clone()),
-            log,
+            log: shared::db::Warm::new(log, LOG_CONNECTIONS as usize),
         });
         let state = AppState {
             pool,

@@ -16,11 +16,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use lettre::message::Mailbox;
+use shared::db::Warm;
 use shared::messaging::{Envelope, HandlerError, Retry};
-use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::mail::{Mailer, Outgoing, Templates};
+use crate::mail::{Mailer, Outgoing, Receipt, Templates};
 
 /// One mail an event calls for.
 #[derive(Debug)]
@@ -49,8 +49,9 @@ pub struct Notifier {
     pub mailer: Mailer,
     pub templates: Templates,
     /// Only for the `notifications` table: handlers hold connections of the main pool for
-    /// their whole transaction, so a shared pool could leave none to record a send.
-    pub log: PgPool,
+    /// their whole transaction, so a shared pool could leave none to record a send. Its
+    /// connections are kept between uses, like the consumer's.
+    pub log: Warm,
 }
 
 /// Pauses between tries to record a mail already sent; a failure after them leaves the
@@ -129,12 +130,14 @@ impl Notifier {
     }
 
     async fn sent(&self, fact: Uuid) -> Result<HashSet<(Uuid, String)>, HandlerError> {
+        let mut conn = self.log.take().await.map_err(HandlerError::transient)?;
         let rows: Vec<(Uuid, String)> =
             sqlx::query_as("SELECT recipient_id, template FROM notifications WHERE fact_id = $1")
                 .bind(fact)
-                .fetch_all(&self.log)
+                .fetch_all(&mut *conn)
                 .await
                 .map_err(HandlerError::transient)?;
+        self.log.give_back(conn);
         Ok(rows.into_iter().collect())
     }
 
@@ -175,24 +178,9 @@ impl Notifier {
 
         let mut pauses = RECORD_RETRIES.iter();
         loop {
-            let recorded = sqlx::query(
-                "INSERT INTO notifications (id, event_id, fact_id, event_type, recipient_id, \
-                 to_address, template, subject, transport, receipt) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING",
-            )
-            .bind(Uuid::now_v7())
-            .bind(event.id)
-            .bind(fact)
-            .bind(&event.event_type)
-            .bind(mail.recipient_id)
-            .bind(&mail.to_email)
-            .bind(template)
-            .bind(&rendered.subject)
-            .bind(receipt.transport)
-            .bind(&receipt.detail)
-            .execute(&self.log)
-            .await;
+            let recorded = self
+                .record(event, fact, mail, &rendered.subject, &receipt)
+                .await;
             match (recorded, pauses.next()) {
                 (Ok(_), _) => break,
                 (Err(error), Some(pause)) => {
@@ -212,6 +200,38 @@ impl Notifier {
             transport = receipt.transport,
             "mail sent"
         );
+        Ok(())
+    }
+
+    /// Writes the row that says `mail` was sent for `fact`.
+    async fn record(
+        &self,
+        event: &Envelope,
+        fact: Uuid,
+        mail: &Mail,
+        subject: &str,
+        receipt: &Receipt,
+    ) -> Result<(), sqlx::Error> {
+        let mut conn = self.log.take().await?;
+        sqlx::query(
+            "INSERT INTO notifications (id, event_id, fact_id, event_type, recipient_id, \
+             to_address, template, subject, transport, receipt) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING",
+        )
+        .bind(Uuid::now_v7())
+        .bind(event.id)
+        .bind(fact)
+        .bind(&event.event_type)
+        .bind(mail.recipient_id)
+        .bind(&mail.to_email)
+        .bind(mail.template)
+        .bind(subject)
+        .bind(receipt.transport)
+        .bind(&receipt.detail)
+        .execute(&mut *conn)
+        .await?;
+        self.log.give_back(conn);
         Ok(())
     }
 }

@@ -94,7 +94,9 @@ pub async fn pool(settings: &PostgresSettings, database: &str) -> anyhow::Result
 /// them back: the pool pings every connection it takes back, a round trip to the server
 /// per message. At most `keep` are kept, none unused for longer than [`PING_AFTER_IDLE`],
 /// so the pool's other users are not starved and a connection that may have broken while
-/// idle goes back through the pool's check.
+/// idle goes back through the pool's check. Nor more than half the pool: a task that
+/// found none kept waits on the pool, and is served only by connections the others give
+/// back beyond what is kept.
 #[derive(Clone)]
 pub struct Warm {
     inner: Arc<WarmInner>,
@@ -110,6 +112,7 @@ struct WarmInner {
 
 impl Warm {
     pub fn new(pool: PgPool, keep: usize) -> Self {
+        let keep = keep.min(pool.options().get_max_connections() as usize / 2);
         Self {
             inner: Arc::new(WarmInner {
                 pool,
@@ -140,6 +143,11 @@ impl Warm {
         if idle.len() < self.inner.keep {
             idle.push_back((conn, Instant::now()));
         }
+    }
+
+    /// Connections kept now.
+    pub fn kept(&self) -> usize {
+        lock(&self.inner.idle).len()
     }
 
     /// Returns the connections unused for too long to the pool, until the last handle

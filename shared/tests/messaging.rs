@@ -578,6 +578,33 @@ async fn a_kept_connection_is_reused_at_once_and_returned_to_the_pool_when_unuse
     .await;
 }
 
+#[tokio::test]
+async fn kept_connections_never_hold_more_than_half_the_pool() {
+    let env = TestEnv::new();
+    // The database exists once bootstrapped; a pool of two connects to it.
+    env.database("warm_half").await;
+    let settings = env.settings();
+    let small = shared::db::pool(
+        &shared::config::PostgresSettings {
+            max_connections: 2,
+            ..settings.postgres.clone()
+        },
+        &shared::db::database_name(&settings, "warm_half"),
+    )
+    .await
+    .expect("a pool of two");
+    let warm = Warm::new(small.clone(), 8);
+    let first = warm.take().await.expect("a connection");
+    let second = warm.take().await.expect("the other connection");
+    warm.give_back(first);
+    warm.give_back(second);
+    // The other one went back to the pool, where a task waiting on it finds it.
+    assert_eq!(warm.kept(), 1);
+    let waiting = small.acquire().await.expect("the connection not kept");
+    assert_eq!(warm.kept(), 1);
+    drop(waiting);
+}
+
 /// Sends a new note and returns it once it was handled and its `test.noted` published.
 async fn note_handled_and_followed_up(
     env: &TestEnv,

@@ -220,15 +220,10 @@ impl Consumer {
                 );
             }
         }
-        // Kept connections never take more than half the pool from the HTTP side (a pool
-        // of one keeps none).
-        let keep = settings
-            .concurrency
-            .min(pool.options().get_max_connections() as usize / 2);
         Ok(Self {
             topology,
             broker,
-            connections: Warm::new(pool, keep),
+            connections: Warm::new(pool, settings.concurrency),
             handlers: by_type,
             prefetch: settings.prefetch,
             concurrency: settings.concurrency,
