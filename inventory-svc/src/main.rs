@@ -1,4 +1,3 @@
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    shared::service::main(inventory_svc::Application::build).await
+fn main() -> anyhow::Result<()> {
+    shared::service::main(inventory_svc::Application::build)
 }

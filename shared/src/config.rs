@@ -16,6 +16,7 @@ pub struct Settings {
     pub namespace: String,
     pub environment: Environment,
     pub log: LogSettings,
+    pub runtime: RuntimeSettings,
     pub http: HttpSettings,
     pub postgres: PostgresSettings,
     pub amqp: AmqpSettings,
@@ -46,6 +47,7 @@ impl Default for Settings {
             namespace: "commerce".into(),
             environment: Environment::Production,
             log: LogSettings::default(),
+            runtime: RuntimeSettings::default(),
             http: HttpSettings::default(),
             postgres: PostgresSettings::default(),
             amqp: AmqpSettings::default(),
@@ -103,6 +105,14 @@ impl Default for LogSettings {
             filter: "info,sqlx=warn,lapin=warn".into(),
         }
     }
+}
+
+/// The async runtime a service runs on.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RuntimeSettings {
+    /// Worker threads; 0: one per core; 1: a single-threaded runtime.
+    pub worker_threads: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -572,14 +572,29 @@ async fn os_signal() {
     }
 }
 
-/// The body of every service's `main`: settings, logs, build, serve.
-pub async fn main<A, F, Fut>(build: F) -> anyhow::Result<()>
+/// The body of every service's `main`: settings, the runtime they ask for, logs, build,
+/// serve. One worker thread gets a single-threaded runtime: no thread wakes another to
+/// share work, which on a machine shared by several services costs more than it gains.
+pub fn main<A, F, Fut>(build: F) -> anyhow::Result<()>
 where
     F: FnOnce(Settings) -> Fut,
     Fut: Future<Output = anyhow::Result<A>>,
     A: Into<Service>,
 {
-    serve(Settings::load()?, build).await
+    let settings = Settings::load()?;
+    let runtime = match settings.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                builder.worker_threads(n);
+            }
+            builder.enable_all().build()?
+        }
+    };
+    runtime.block_on(serve(settings, build))
 }
 
 /// Logs, build and serve with settings already loaded.

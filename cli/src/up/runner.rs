@@ -22,6 +22,9 @@ use super::service::Service;
 
 /// Services log human-readable text (instead of JSON) in this environment.
 const ENVIRONMENT_VAR: &str = "COMMERCE__ENVIRONMENT";
+/// The worker threads of a service's runtime; set to the service's share of the cores
+/// unless given.
+const WORKER_THREADS_VAR: &str = "COMMERCE__RUNTIME__WORKER_THREADS";
 /// How long to wait for a dead child's last output; a grandchild may hold the pipe open.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -137,6 +140,9 @@ impl Runner {
             .kill_on_drop(true);
         if std::env::var_os(ENVIRONMENT_VAR).is_none() {
             cmd.env(ENVIRONMENT_VAR, "development");
+        }
+        if std::env::var_os(WORKER_THREADS_VAR).is_none() {
+            cmd.env(WORKER_THREADS_VAR, self.svc.worker_threads.to_string());
         }
         let mut child = cmd
             .spawn()

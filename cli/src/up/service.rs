@@ -53,20 +53,28 @@ pub struct Service {
     pub index: usize,
     pub port: u16,
     pub exe: PathBuf,
+    /// Its share of the machine's cores, for its async runtime.
+    pub worker_threads: usize,
 }
 
 /// Selects the services to run (all when `only` is empty) and checks their executables exist.
 pub fn resolve(only: &[String], bin_dir: &Path) -> Result<Vec<Service>> {
-    let services = CATALOGUE
+    let chosen: Vec<(usize, &Spec)> = CATALOGUE
         .iter()
         .enumerate()
         .filter(|(_, spec)| only.is_empty() || only.iter().any(|name| name == spec.name))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let worker_threads = share_of_cores(cores, chosen.len());
+    let services = chosen
+        .into_iter()
         .map(|(index, spec)| {
             Ok(Service {
                 name: spec.name,
                 index,
                 port: port(spec)?,
                 exe: bin_dir.join(spec.name),
+                worker_threads,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -80,6 +88,13 @@ pub fn default_bin_dir() -> Result<PathBuf> {
     exe.parent()
         .map(Path::to_path_buf)
         .context("the commerce executable has no parent directory")
+}
+
+/// Worker threads for each of `services` sharing `cores`: a runtime per service with a
+/// thread per core would put several times as many threads as cores on the machine,
+/// which then spend their time waking each other (docs/BENCHMARKS.md).
+fn share_of_cores(cores: usize, services: usize) -> usize {
+    (cores / services.max(1)).max(1)
 }
 
 /// The port the service will listen on: the same env override the service itself reads.
@@ -141,6 +156,14 @@ mod tests {
         assert!(parse_port("0").is_err());
         assert!(parse_port("http").is_err());
         assert!(parse_port("70000").is_err());
+    }
+
+    #[test]
+    fn services_share_the_cores_with_at_least_one_thread_each() {
+        assert_eq!(share_of_cores(2, 8), 1);
+        assert_eq!(share_of_cores(16, 8), 2);
+        assert_eq!(share_of_cores(16, 1), 16);
+        assert_eq!(share_of_cores(1, 0), 1);
     }
 
     #[test]
