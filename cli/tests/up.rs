@@ -38,6 +38,7 @@ def stop(*_):
 signal.signal(signal.SIGTERM, stop)
 server = http.server.HTTPServer(("127.0.0.1", int(os.environ["__PORT_VAR__"])), Handler)
 print(f"pid={os.getpid()}", flush=True)
+print(f"workers={os.environ.get('COMMERCE__RUNTIME__WORKER_THREADS', 'unset')}", flush=True)
 print(f"listening on {server.server_port}", file=sys.stderr, flush=True)
 server.serve_forever()
 "#;
@@ -56,18 +57,23 @@ fn supervises_restarts_and_stops_services() {
     let mut cmd = fx.commerce();
     cmd.args(["--only", "gateway,order-svc,payment-svc"]);
     cmd.args(["--grace-period-secs", "10"]);
+    cmd.env_remove("COMMERCE__RUNTIME__WORKER_THREADS");
     for ((name, key), port) in SERVICES.iter().zip(&ports) {
         fx.write_fake(name, key);
         cmd.env(format!("COMMERCE__{key}__PORT"), port.to_string());
     }
     let mut out = fx.start(cmd);
 
-    // 1 and 2: prefixed output from stdout and stderr, readiness, then the summary.
+    // 1 and 2: prefixed output from stdout and stderr, readiness, then the summary. Each
+    // service is given its share of the cores for its runtime.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = format!("workers={}", (cores / SERVICES.len()).max(1));
     let mut pids = HashMap::new();
     for ((name, _), port) in SERVICES.iter().zip(&ports) {
         let pid = out.wait_for_pid(0, name);
         fx.pids.push(pid);
         pids.insert(*name, pid);
+        out.wait_for(0, &workers, |line| line == prefixed(name, &workers));
         let listening = format!("listening on {port}");
         out.wait_for(0, &listening, |line| line == prefixed(name, &listening));
         out.wait_for_ready(0, name);
